@@ -1,0 +1,18 @@
+"""Triton kernels of sam2_fast, installed as ``sam2_fast.kernels``: one module per fused op, each holding its
+``@triton.jit`` kernel(s) and a launcher that checks its inputs and picks the grid.
+
+Only the op layer (``sam2_fast.ops``) imports this package. ``KERNEL_LAUNCHERS`` maps an op name to its launcher,
+which takes the same arguments as the op's torch implementation in ``sam2_fast.torch_ops``.
+"""
+
+from .fpn_upsample_add import fpn_upsample_add
+from .global_attention import global_attention
+from .maxpool2x2 import maxpool2x2
+from .window_attention import window_attention
+
+KERNEL_LAUNCHERS = {
+    "window_attention": window_attention,
+    "global_attention": global_attention,
+    "maxpool2x2": maxpool2x2,
+    "fpn_upsample_add": fpn_upsample_add,
+}

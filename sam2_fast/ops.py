@@ -1,0 +1,352 @@
+"""The op layer: each hot op of the encoder declared once, and the one place that chooses a backend.
+
+Backends:
+- ``torch``: the plain-PyTorch implementations in :mod:`sam2_fast.torch_ops`, always available. The model calls
+  them directly (not through a custom op), so ``torch.compile`` sees and fuses them and autograd differentiates them.
+- ``triton``: fused Triton kernels from :mod:`sam2_fast.kernels`, on CUDA tensors (and on CPU tensors only under
+  ``TRITON_INTERPRET=1``, the Triton interpreter, for testing).
+- ``extension``: the compiled C++/CUDA extension ``sam2_fast._C`` (ops in the ``sam2_fast_ext`` namespace).
+
+The fast backends run behind ``torch.library`` custom ops in the ``sam2_fast`` namespace, each with a fake (meta)
+implementation, so ``torch.compile(fullgraph=True)`` and ``torch.export`` trace through them, and with an autograd
+formula that recomputes the torch implementation, so gradients flow through every backend.
+
+Choosing: ``SAM2_FAST_BACKEND=auto|torch|triton|extension`` (read at import), :func:`set_backend` or the
+:func:`use_backend` context manager. ``auto`` takes, per op and device, the first available of
+triton, extension, torch on CUDA and extension, torch on CPU, with one warning when it has to fall back. Asking for
+a backend that cannot run raises :class:`BackendUnavailableError` naming what is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import warnings
+from typing import Callable, Dict, Iterator, Optional, Tuple
+
+import torch
+
+from . import torch_ops
+
+BACKENDS = ("torch", "triton", "extension")
+BACKEND_ENV_VAR = "SAM2_FAST_BACKEND"
+OPS = ("window_attention", "global_attention", "maxpool2x2", "fpn_upsample_add", "sine_position_encoding")
+
+# Preference order of ``auto`` per device type.
+_AUTO_ORDER = {"cuda": ("triton", "extension", "torch"), "cpu": ("extension", "torch")}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for explicitly but cannot run the op on that device."""
+
+
+def _check_backend_name(name: str) -> str:
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"unknown sam2_fast backend {name!r}: expected one of 'auto', {', '.join(map(repr, BACKENDS))}")
+    return name
+
+
+_requested_backend: str = _check_backend_name(os.environ.get(BACKEND_ENV_VAR, "auto").strip().lower() or "auto")
+
+
+def set_backend(name: str) -> None:
+    """Choose the backend for every op: ``"auto"``, ``"torch"``, ``"triton"`` or ``"extension"``."""
+    global _requested_backend
+    _requested_backend = _check_backend_name(name)
+
+
+def get_backend() -> str:
+    """The backend asked for (``"auto"`` unless set), not necessarily the one an op resolves to."""
+    return _requested_backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run a block with another backend, e.g. ``with sam2_fast.use_backend("torch"): encoder(x)``."""
+    previous = _requested_backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What each backend can run. Filled once, outside any traced code: resolution below is then plain dict logic that
+# torch.compile can trace without a graph break.
+
+def _probe_triton() -> Tuple[Optional[str], Dict[str, Callable]]:
+    """(reason triton cannot run or None, {op name: launcher})."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed", {}
+    try:
+        from .kernels import KERNEL_LAUNCHERS
+    except Exception as error:  # a broken triton install must not break the package
+        return f"the Triton kernels failed to import ({type(error).__name__}: {error})", {}
+    return None, dict(KERNEL_LAUNCHERS)
+
+
+def _probe_extension() -> Tuple[Optional[str], Dict[str, Callable], Tuple[str, ...]]:
+    """(reason the extension cannot run or None, {op name: op}, device types it was built for)."""
+    from . import _extension
+
+    reason = _extension.load_error()
+    if reason is not None:
+        return reason, {}, ()
+    namespace = torch.ops.sam2_fast_ext
+    ops = {name: getattr(namespace, name) for name in OPS if hasattr(namespace, name)}
+    return None, ops, _extension.device_types()
+
+
+def _triton_runs_on(device_type: str) -> bool:
+    if device_type == "cuda":
+        return torch.cuda.is_available()
+    return device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+_TRITON_REASON, _TRITON_LAUNCHERS = _probe_triton()
+_EXTENSION_REASON, _EXTENSION_OPS, _EXTENSION_DEVICES = _probe_extension()
+
+
+def _unavailable_reason(op: str, backend: str, device_type: str) -> Optional[str]:
+    """Why ``backend`` cannot run ``op`` on ``device_type``, or None if it can."""
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        if _TRITON_REASON is not None:
+            return _TRITON_REASON
+        if not _triton_runs_on(device_type):
+            return (
+                f"Triton kernels run on CUDA tensors (on CPU only under TRITON_INTERPRET=1), got a {device_type} tensor"
+            )
+        if op not in _TRITON_LAUNCHERS:
+            return f"there is no Triton kernel for {op}"
+        return None
+    if _EXTENSION_REASON is not None:
+        return _EXTENSION_REASON
+    if device_type not in _EXTENSION_DEVICES:
+        return f"the C++ extension was built for {', '.join(_EXTENSION_DEVICES) or 'no device'}, not {device_type}"
+    if op not in _EXTENSION_OPS:
+        return f"the C++ extension has no {op} op"
+    return None
+
+
+def backend_status(device_type: str = "cuda" if torch.cuda.is_available() else "cpu") -> Dict[str, Dict[str, str]]:
+    """Per backend, per op: ``"available"`` or the reason it is not, on ``device_type``."""
+    return {
+        backend: {op: _unavailable_reason(op, backend, device_type) or "available" for op in OPS}
+        for backend in BACKENDS
+    }
+
+
+def active_backends(device_type: str = "cuda" if torch.cuda.is_available() else "cpu") -> Dict[str, str]:
+    """The backend each op resolves to on ``device_type`` with the current setting."""
+    return {op: resolve_backend(op, device_type) for op in OPS}
+
+
+_warned_fallbacks: set = set()
+
+
+def resolve_backend(op: str, device_type: str) -> str:
+    """The backend that runs ``op`` on ``device_type`` under the current setting."""
+    requested = _requested_backend
+    if requested != "auto":
+        reason = _unavailable_reason(op, requested, device_type)
+        if reason is not None:
+            raise BackendUnavailableError(f"sam2_fast backend {requested!r} cannot run {op}: {reason}")
+        return requested
+    preferred = _AUTO_ORDER.get(device_type, ("torch",))
+    for backend in preferred:
+        reason = _unavailable_reason(op, backend, device_type)
+        if reason is None:
+            return backend
+        if backend == preferred[0] and not torch.compiler.is_compiling() and (backend, reason) not in _warned_fallbacks:
+            _warned_fallbacks.add((backend, reason))
+            warnings.warn(f"sam2_fast: {backend} backend unavailable ({reason}); falling back", stacklevel=3)
+    return "torch"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Custom ops. ``backend`` is an argument so that the choice is fixed when a graph is traced.
+
+def _fast_impl(op: str, backend: str) -> Callable:
+    if backend == "triton":
+        return _TRITON_LAUNCHERS[op]
+    if backend == "extension":
+        return _EXTENSION_OPS[op]
+    if backend == "torch":
+        return getattr(torch_ops, op)
+    raise ValueError(f"unknown sam2_fast backend {backend!r}")
+
+
+def _attention_out_hw(height: int, width: int, q_pool: bool) -> Tuple[int, int]:
+    return (height // 2, width // 2) if q_pool else (height, width)
+
+
+def _check_qkv(qkv: torch.Tensor, num_heads: int) -> None:
+    torch._check(qkv.dim() == 4, lambda: f"expected qkv of shape (B, H, W, 3 * dim), got {tuple(qkv.shape)}")
+    torch._check(
+        qkv.shape[3] % (3 * num_heads) == 0,
+        lambda: f"qkv's last dim {qkv.shape[3]} is not a multiple of 3 * num_heads = {3 * num_heads}",
+    )
+
+
+@torch.library.custom_op("sam2_fast::window_attention", mutates_args=())
+def _window_attention_op(
+    qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], num_heads: int, window_size: int, q_pool: bool, backend: str
+) -> torch.Tensor:
+    return _fast_impl("window_attention", backend)(qkv, qkv_bias, num_heads, window_size, q_pool).contiguous()
+
+
+@_window_attention_op.register_fake
+def _(qkv, qkv_bias, num_heads, window_size, q_pool, backend):
+    _check_qkv(qkv, num_heads)
+    out_h, out_w = _attention_out_hw(qkv.shape[1], qkv.shape[2], q_pool)
+    return qkv.new_empty(qkv.shape[0], out_h, out_w, qkv.shape[3] // 3)
+
+
+@torch.library.custom_op("sam2_fast::global_attention", mutates_args=())
+def _global_attention_op(qkv: torch.Tensor, num_heads: int, q_pool: bool, backend: str) -> torch.Tensor:
+    return _fast_impl("global_attention", backend)(qkv, num_heads, q_pool).contiguous()
+
+
+@_global_attention_op.register_fake
+def _(qkv, num_heads, q_pool, backend):
+    _check_qkv(qkv, num_heads)
+    out_h, out_w = _attention_out_hw(qkv.shape[1], qkv.shape[2], q_pool)
+    return qkv.new_empty(qkv.shape[0], out_h, out_w, qkv.shape[3] // 3)
+
+
+@torch.library.custom_op("sam2_fast::maxpool2x2", mutates_args=())
+def _maxpool2x2_op(x: torch.Tensor, backend: str) -> torch.Tensor:
+    return _fast_impl("maxpool2x2", backend)(x).contiguous()
+
+
+@_maxpool2x2_op.register_fake
+def _(x, backend):
+    torch._check(x.dim() == 4, lambda: f"expected a (B, H, W, C) map, got shape {tuple(x.shape)}")
+    return x.new_empty(x.shape[0], x.shape[1] // 2, x.shape[2] // 2, x.shape[3])
+
+
+@torch.library.custom_op("sam2_fast::fpn_upsample_add", mutates_args=())
+def _fpn_upsample_add_op(lateral: torch.Tensor, prev: torch.Tensor, backend: str) -> torch.Tensor:
+    return _fast_impl("fpn_upsample_add", backend)(lateral, prev).contiguous()
+
+
+@_fpn_upsample_add_op.register_fake
+def _(lateral, prev, backend):
+    torch._check(
+        lateral.dim() == 4 and prev.dim() == 4 and lateral.shape[:2] == prev.shape[:2]
+        and lateral.shape[2] == 2 * prev.shape[2] and lateral.shape[3] == 2 * prev.shape[3],
+        lambda: f"expected lateral (B, C, 2h, 2w) and prev (B, C, h, w), got {tuple(lateral.shape)} and {tuple(prev.shape)}",
+    )
+    return lateral.new_empty(lateral.shape, dtype=torch.promote_types(lateral.dtype, torch.float32))
+
+
+@torch.library.custom_op("sam2_fast::sine_position_encoding", mutates_args=())
+def _sine_position_encoding_op(
+    height: int, width: int, num_pos_feats: int, temperature: float, normalize: bool, scale: float,
+    device: torch.device, backend: str,
+) -> torch.Tensor:
+    return _fast_impl("sine_position_encoding", backend)(
+        height, width, num_pos_feats, temperature, normalize, scale, device
+    )
+
+
+@_sine_position_encoding_op.register_fake
+def _(height, width, num_pos_feats, temperature, normalize, scale, device, backend):
+    return torch.empty(1, 2 * num_pos_feats, height, width, dtype=torch.float32, device=device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gradients: every fast op is differentiated by recomputing its torch implementation. A fused backward kernel can
+# replace this per op later without touching the model.
+
+def _register_recompute_backward(custom_op, torch_fn: Callable, tensor_args: Tuple[str, ...], arg_names: Tuple[str, ...]):
+    positions = tuple(arg_names.index(name) for name in tensor_args)
+
+    def setup_context(ctx, inputs, output):
+        ctx.inputs = inputs
+
+    def backward(ctx, grad_output):
+        inputs = list(ctx.inputs)
+        leaves = []
+        for position in positions:
+            value = inputs[position]
+            if value is not None and value.requires_grad:
+                value = value.detach().requires_grad_(True)
+                inputs[position] = value
+                leaves.append((position, value))
+        grads = [None] * len(inputs)
+        if leaves:
+            with torch.enable_grad():
+                output = torch_fn(*inputs[: len(arg_names) - 1])
+                computed = torch.autograd.grad(output, [leaf for _, leaf in leaves], grad_output)
+            for (position, _), grad in zip(leaves, computed):
+                grads[position] = grad
+        return tuple(grads)
+
+    custom_op.register_autograd(backward, setup_context=setup_context)
+
+
+_register_recompute_backward(
+    _window_attention_op, torch_ops.window_attention, ("qkv", "qkv_bias"),
+    ("qkv", "qkv_bias", "num_heads", "window_size", "q_pool", "backend"),
+)
+_register_recompute_backward(
+    _global_attention_op, torch_ops.global_attention, ("qkv",), ("qkv", "num_heads", "q_pool", "backend")
+)
+_register_recompute_backward(_maxpool2x2_op, torch_ops.maxpool2x2, ("x",), ("x", "backend"))
+_register_recompute_backward(
+    _fpn_upsample_add_op, torch_ops.fpn_upsample_add, ("lateral", "prev"), ("lateral", "prev", "backend")
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What the model calls.
+
+def window_attention(
+    qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], num_heads: int, window_size: int, q_pool: bool
+) -> torch.Tensor:
+    """Windowed attention of a (B, H, W, 3 * dim) qkv map -> (B, H', W', dim); see torch_ops.window_attention."""
+    backend = resolve_backend("window_attention", qkv.device.type)
+    if backend == "torch":
+        return torch_ops.window_attention(qkv, qkv_bias, num_heads, window_size, q_pool)
+    return _window_attention_op(qkv, qkv_bias, num_heads, window_size, q_pool, backend)
+
+
+def global_attention(qkv: torch.Tensor, num_heads: int, q_pool: bool) -> torch.Tensor:
+    """Attention over all tokens of each image of a (B, H, W, 3 * dim) qkv map -> (B, H', W', dim)."""
+    backend = resolve_backend("global_attention", qkv.device.type)
+    if backend == "torch":
+        return torch_ops.global_attention(qkv, num_heads, q_pool)
+    return _global_attention_op(qkv, num_heads, q_pool, backend)
+
+
+def maxpool2x2(x: torch.Tensor) -> torch.Tensor:
+    """2x2 max-pool (stride 2, floor) of a channels-last (B, H, W, C) map."""
+    backend = resolve_backend("maxpool2x2", x.device.type)
+    if backend == "torch":
+        return torch_ops.maxpool2x2(x)
+    return _maxpool2x2_op(x, backend)
+
+
+def fpn_upsample_add(lateral: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    """``lateral + nearest_upsample_2x(prev.float())`` of (B, C, 2h, 2w) and (B, C, h, w) maps."""
+    backend = resolve_backend("fpn_upsample_add", lateral.device.type)
+    if backend == "torch":
+        return torch_ops.fpn_upsample_add(lateral, prev)
+    return _fpn_upsample_add_op(lateral, prev, backend)
+
+
+def sine_position_encoding(
+    height: int, width: int, num_pos_feats: int, temperature: float, normalize: bool, scale: float,
+    device: torch.device,
+) -> torch.Tensor:
+    """(1, 2 * num_pos_feats, height, width) fp32 sine position encoding; see torch_ops.sine_position_encoding."""
+    device = torch.device(device)
+    backend = resolve_backend("sine_position_encoding", device.type)
+    if backend == "torch":
+        return torch_ops.sine_position_encoding(height, width, num_pos_feats, temperature, normalize, scale, device)
+    return _sine_position_encoding_op(height, width, num_pos_feats, temperature, normalize, scale, device, backend)

@@ -1,0 +1,27 @@
+"""Build the reference `sam2` package's image encoder from one of our configs (tests and benchmarks only).
+
+`sam2` is not a runtime dependency of sam2_fast: it is imported here, lazily, when a reference is asked for.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .configs import get_config
+
+
+def build_reference_encoder(name: str) -> torch.nn.Module:
+    """The `sam2` package's ImageEncoder for config ``name``, with its own random initialisation, in eval mode."""
+    try:
+        from sam2.modeling.backbones.hieradet import Hiera
+        from sam2.modeling.backbones.image_encoder import FpnNeck, ImageEncoder
+        from sam2.modeling.position_encoding import PositionEmbeddingSine
+    except ImportError as error:
+        raise ImportError(
+            "the reference `sam2` package is needed to compare against it: "
+            "SAM2_BUILD_CUDA=0 pip install --no-deps --no-build-isolation sam2==1.1.0 hydra-core iopath"
+        ) from error
+    config = get_config(name)
+    trunk = Hiera(**config.trunk_kwargs())
+    neck = FpnNeck(PositionEmbeddingSine(**config.position_encoding_kwargs()), **config.neck_kwargs())
+    return ImageEncoder(trunk, neck, scalp=config.scalp).eval()

@@ -1,0 +1,132 @@
+"""Plain-PyTorch implementations of sam2_fast's ops.
+
+These are the reference semantics every fast backend is tested against, and the ``torch`` backend itself. Each
+function reproduces what the `sam2` package computes, step for step where the step changes numbers (zero-padding
+after norm1 shows up here as padded tokens whose q, k and v equal the qkv bias), and is written to be short and
+obviously right rather than fast.
+
+Layouts (channels-last, as Hiera keeps its activations):
+- ``qkv``: (B, H, W, 3 * dim), the qkv projection's output; its last dim splits as (3, num_heads, head_dim).
+- attention outputs: (B, H_out, W_out, dim) with dim = num_heads * head_dim, before the output projection.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def _split_heads_pool_q(qkv: torch.Tensor, num_heads: int, q_pool: bool):
+    """(N, h, w, 3 * dim) -> q, k, v as (N, heads, tokens, head_dim); q max-pooled 2x2 (floor) if asked."""
+    num_maps, h, w, channels3 = qkv.shape
+    head_dim = channels3 // (3 * num_heads)
+    qkv = qkv.reshape(num_maps, h, w, 3, num_heads, head_dim)
+    q, k, v = qkv.unbind(3)
+    if q_pool:
+        # MaxPool2d(2, 2, ceil_mode=False): drop an odd last row/column, then max over each 2x2 group.
+        h_out, w_out = h // 2, w // 2
+        q = q[:, : 2 * h_out, : 2 * w_out].reshape(num_maps, h_out, 2, w_out, 2, num_heads, head_dim)
+        q = q.amax(dim=(2, 4))
+    q = q.flatten(1, 2).transpose(1, 2)
+    k = k.flatten(1, 2).transpose(1, 2)
+    v = v.flatten(1, 2).transpose(1, 2)
+    return q, k, v
+
+
+def window_attention(
+    qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], num_heads: int, window_size: int, q_pool: bool
+) -> torch.Tensor:
+    """Windowed multi-head attention of Hiera, with partition, padding, q-pooling and unpartition.
+
+    The map is padded up to a multiple of ``window_size``; padded tokens carry q = k = v = ``qkv_bias`` (the
+    reference pads the normed input with zeros before the qkv projection) and attend unmasked. With ``q_pool``,
+    q is max-pooled 2x2 inside each window and the output lands at (H // 2, W // 2), the shape of the pooled
+    shortcut the reference crops to.
+    """
+    batch, height, width, channels3 = qkv.shape
+    dim = channels3 // 3
+    pad_h = (window_size - height % window_size) % window_size
+    pad_w = (window_size - width % window_size) % window_size
+    if pad_h or pad_w:
+        fill = qkv.new_zeros(channels3) if qkv_bias is None else qkv_bias.to(qkv.dtype)
+        padded = fill.expand(batch, height + pad_h, width + pad_w, channels3).clone()
+        padded[:, :height, :width] = qkv
+        qkv = padded
+    padded_h, padded_w = height + pad_h, width + pad_w
+    rows, cols = padded_h // window_size, padded_w // window_size
+    windows = (
+        qkv.reshape(batch, rows, window_size, cols, window_size, channels3)
+        .permute(0, 1, 3, 2, 4, 5)
+        .reshape(batch * rows * cols, window_size, window_size, channels3)
+    )
+    q, k, v = _split_heads_pool_q(windows, num_heads, q_pool)
+    out = F.scaled_dot_product_attention(q, k, v)
+    out_window = window_size // 2 if q_pool else window_size
+    out = (
+        out.transpose(1, 2)
+        .reshape(batch, rows, cols, out_window, out_window, dim)
+        .permute(0, 1, 3, 2, 4, 5)
+        .reshape(batch, rows * out_window, cols * out_window, dim)
+    )
+    out_h, out_w = (height // 2, width // 2) if q_pool else (height, width)
+    return out[:, :out_h, :out_w]
+
+
+def global_attention(qkv: torch.Tensor, num_heads: int, q_pool: bool) -> torch.Tensor:
+    """Multi-head attention over all H * W tokens of each image (Hiera's global blocks); q max-pooled if asked."""
+    batch, height, width, channels3 = qkv.shape
+    q, k, v = _split_heads_pool_q(qkv, num_heads, q_pool)
+    out = F.scaled_dot_product_attention(q, k, v)
+    out_h, out_w = (height // 2, width // 2) if q_pool else (height, width)
+    return out.transpose(1, 2).reshape(batch, out_h, out_w, channels3 // 3)
+
+
+def maxpool2x2(x: torch.Tensor) -> torch.Tensor:
+    """2x2 max-pool, stride 2, floor, of a channels-last (B, H, W, C) map -> (B, H // 2, W // 2, C)."""
+    return F.max_pool2d(x.permute(0, 3, 1, 2), kernel_size=2, stride=2).permute(0, 2, 3, 1)
+
+
+def fpn_upsample_add(lateral: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    """FPN top-down fusion: ``lateral + nearest_upsample_2x(prev.float())``.
+
+    ``lateral`` is (B, C, 2h, 2w), ``prev`` (B, C, h, w). The top-down term is float32 as in the reference, so
+    the result's dtype is ``torch.promote_types(lateral.dtype, torch.float32)``.
+    """
+    upsampled = F.interpolate(prev.to(torch.float32), scale_factor=2.0, mode="nearest")
+    return lateral + upsampled
+
+
+def sine_position_encoding(
+    height: int,
+    width: int,
+    num_pos_feats: int,
+    temperature: float,
+    normalize: bool,
+    scale: float,
+    device: torch.device,
+) -> torch.Tensor:
+    """The sine position encoding of an (height, width) map as a (1, 2 * num_pos_feats, height, width) fp32 tensor.
+
+    ``num_pos_feats`` is per axis (half the output channels); the first half of the channels encodes y, the
+    second x, each as interleaved sin/cos pairs, as `PositionEmbeddingSine` does.
+    """
+    y_embed = torch.arange(1, height + 1, dtype=torch.float32, device=device)
+    x_embed = torch.arange(1, width + 1, dtype=torch.float32, device=device)
+    if normalize:
+        eps = 1e-6
+        y_embed = y_embed / (y_embed[-1:] + eps) * scale
+        x_embed = x_embed / (x_embed[-1:] + eps) * scale
+    dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=device)
+    dim_t = temperature ** (2 * (dim_t // 2) / num_pos_feats)
+    pos_x = x_embed[:, None] / dim_t
+    pos_y = y_embed[:, None] / dim_t
+    pos_x = torch.stack((pos_x[:, 0::2].sin(), pos_x[:, 1::2].cos()), dim=2).flatten(1)
+    pos_y = torch.stack((pos_y[:, 0::2].sin(), pos_y[:, 1::2].cos()), dim=2).flatten(1)
+    channels = 2 * num_pos_feats
+    pos = torch.cat(
+        (pos_y[:, None, :].expand(height, width, num_pos_feats), pos_x[None, :, :].expand(height, width, num_pos_feats)),
+        dim=2,
+    )
+    return pos.permute(2, 0, 1).reshape(1, channels, height, width).contiguous()
