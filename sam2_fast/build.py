@@ -1,0 +1,34 @@
+"""Building an image encoder from a named config."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from .checkpoint import load_checkpoint
+from .configs import get_config
+from .hiera import Hiera
+from .image_encoder import FpnNeck, ImageEncoder
+from .position_encoding import PositionEmbeddingSine
+
+
+def build_image_encoder(
+    name: str = "sam2.1_hiera_tiny",
+    checkpoint: Optional[str] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> ImageEncoder:
+    """An :class:`ImageEncoder` for config ``name`` (e.g. ``"sam2.1_hiera_base_plus"``), in eval mode.
+
+    With ``checkpoint``, loads SAM-2 weights from that file (see :func:`sam2_fast.load_checkpoint`); without,
+    the weights are randomly initialised. ``device`` and ``dtype`` move the encoder after loading.
+    """
+    config = get_config(name)
+    trunk = Hiera(**config.trunk_kwargs())
+    position_encoding = PositionEmbeddingSine(**config.position_encoding_kwargs(), warmup_cache=False)
+    neck = FpnNeck(position_encoding, **config.neck_kwargs())
+    encoder = ImageEncoder(trunk, neck, scalp=config.scalp)
+    if checkpoint is not None:
+        load_checkpoint(encoder, checkpoint)
+    return encoder.to(device=device, dtype=dtype).eval()
