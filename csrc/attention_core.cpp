@@ -1,0 +1,125 @@
+// The fp32 attention core (see attention_core.h): register-blocked q k^T and p v, softmax with a vectorized exp.
+//
+// Written with GCC/Clang vector extensions (8 floats) so that it vectorizes without -ffast-math or -march flags,
+// and compiled twice through target_clones (x86-64-v3, i.e. AVX2 + FMA, and the baseline) on x86-64 Linux.
+
+#include "attention_core.h"
+
+#include <cmath>
+#include <cstring>
+
+// The 8-float vector type only lives inside this file, so the ABI note on passing it by value does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define SAM2_FAST_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define SAM2_FAST_MULTIVERSION
+#endif
+
+namespace sam2_fast {
+namespace {
+
+typedef float vec8 __attribute__((vector_size(32)));
+typedef int32_t ivec8 __attribute__((vector_size(32)));
+constexpr int64_t kLanes = 8;
+constexpr int64_t kVectorsPerBlock = kColumnBlock / kLanes;
+
+inline vec8 load(const float* p) {
+  vec8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store(float* p, vec8 v) { std::memcpy(p, &v, sizeof(v)); }
+
+inline vec8 broadcast(float value) { return vec8{} + value; }
+
+// exp(x) for x <= 0 (Cephes' expf polynomial, about 2 ulp); 0 below -87 where expf underflows.
+inline vec8 exp_nonpositive(vec8 x) {
+  const vec8 magic = broadcast(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer kept in the low bits
+  const vec8 clamped = x < -87.0f ? broadcast(-87.0f) : x;
+  const vec8 shifted = clamped * 1.44269504088896341f + magic;
+  const vec8 n = shifted - magic;
+  vec8 r = clamped - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vec8 p = broadcast(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const ivec8 exponent = ((ivec8)shifted - (ivec8)magic) << 23;
+  const vec8 result = (vec8)((ivec8)p + exponent);
+  return x < -87.0f ? vec8{} : result;
+}
+
+// c[kQueryBlock, kColumnBlock] = a[kQueryBlock, depth] @ b[depth, kColumnBlock] with row strides lda, ldb;
+// each result row is then multiplied by row_scale[r] and stored with row stride ldc.
+inline void block_matmul(
+    const float* a, int64_t lda, const float* b, int64_t ldb, int64_t depth, float* c, int64_t ldc,
+    const float* row_scale) {
+  vec8 acc[kQueryBlock][kVectorsPerBlock] = {};
+  for (int64_t k = 0; k < depth; ++k) {
+    vec8 b_vec[kVectorsPerBlock];
+    for (int64_t v = 0; v < kVectorsPerBlock; ++v) b_vec[v] = load(b + k * ldb + v * kLanes);
+    for (int64_t r = 0; r < kQueryBlock; ++r) {
+      const float a_value = a[r * lda + k];
+      for (int64_t v = 0; v < kVectorsPerBlock; ++v) acc[r][v] += b_vec[v] * a_value;
+    }
+  }
+  for (int64_t r = 0; r < kQueryBlock; ++r) {
+    for (int64_t v = 0; v < kVectorsPerBlock; ++v) store(c + r * ldc + v * kLanes, acc[r][v] * row_scale[r]);
+  }
+}
+
+}  // namespace
+
+SAM2_FAST_MULTIVERSION
+void attention_f32(
+    const AttentionShape& shape, float scale, const float* queries, const float* keys_t, const float* values,
+    float* scores, float* out) {
+  const int64_t query_rows = shape.query_rows(), key_stride = shape.key_stride();
+  const int64_t value_stride = shape.value_stride(), head_dim = shape.head_dim, num_keys = shape.num_keys;
+  const float ones[kQueryBlock] = {1.0f, 1.0f, 1.0f, 1.0f};
+  static_assert(kQueryBlock == 4, "ones[] holds one entry per query row of a block");
+
+  for (int64_t i = 0; i < query_rows; i += kQueryBlock) {
+    for (int64_t j = 0; j < key_stride; j += kColumnBlock) {
+      block_matmul(queries + i * head_dim, head_dim, keys_t + j, key_stride, head_dim, scores + i * key_stride + j,
+                   key_stride, ones);
+    }
+  }
+
+  // Softmax per row, left unnormalized: the 1 / sum is applied to the output rows.
+  float inverse_sums[kQueryBlock];
+  for (int64_t i = 0; i < query_rows; i += kQueryBlock) {
+    for (int64_t r = 0; r < kQueryBlock; ++r) {
+      float* row = scores + (i + r) * key_stride;
+      for (int64_t j = num_keys; j < key_stride; ++j) row[j] = -INFINITY;
+      vec8 max_vec = broadcast(-INFINITY);
+      for (int64_t j = 0; j < key_stride; j += kLanes) {
+        const vec8 s = load(row + j);
+        max_vec = s > max_vec ? s : max_vec;
+      }
+      float row_max = max_vec[0];
+      for (int64_t lane = 1; lane < kLanes; ++lane) row_max = std::fmax(row_max, max_vec[lane]);
+      vec8 sum_vec = {};
+      for (int64_t j = 0; j < key_stride; j += kLanes) {
+        const vec8 p = exp_nonpositive((load(row + j) - row_max) * scale);
+        store(row + j, p);
+        sum_vec += p;
+      }
+      float sum = 0.0f;
+      for (int64_t lane = 0; lane < kLanes; ++lane) sum += sum_vec[lane];
+      inverse_sums[r] = 1.0f / sum;
+    }
+    for (int64_t c = 0; c < value_stride; c += kColumnBlock) {
+      block_matmul(scores + i * key_stride, key_stride, values + c, value_stride, num_keys,
+                   out + i * value_stride + c, value_stride, inverse_sums);
+    }
+  }
+}
+
+}  // namespace sam2_fast

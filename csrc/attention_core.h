@@ -1,0 +1,35 @@
+// The fp32 attention core shared by the CPU window_attention and global_attention kernels.
+#pragma once
+
+#include <cstdint>
+
+namespace sam2_fast {
+
+inline int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
+
+// Query rows are processed in blocks of kQueryBlock, key columns and value channels in blocks of kColumnBlock;
+// the buffers below are padded to those multiples.
+constexpr int64_t kQueryBlock = 4;
+constexpr int64_t kColumnBlock = 16;
+
+// The sizes of one attention problem (one head of one window, or a block of query rows of one head) and of its
+// padded fp32 buffers, all row-major:
+//   queries  (query_rows, head_dim)        rows past num_queries: zero
+//   keys_t   (head_dim, key_stride)        k transposed; columns past num_keys: zero
+//   values   (num_keys, value_stride)      columns past head_dim: zero
+//   scores   (query_rows, key_stride)      scratch
+//   out      (query_rows, value_stride)    softmax(q k^T * scale) v, rows < num_queries and columns < head_dim valid
+struct AttentionShape {
+  int64_t num_queries, num_keys, head_dim;
+  int64_t query_rows() const { return round_up(num_queries, kQueryBlock); }
+  int64_t key_stride() const { return round_up(num_keys, kColumnBlock); }
+  int64_t value_stride() const { return round_up(head_dim, kColumnBlock); }
+};
+
+// out = softmax(queries @ keys_t * scale) @ values, accumulated in fp32 (no mask). Compiled for AVX2+FMA and for the
+// baseline ISA, picked at load time.
+void attention_f32(
+    const AttentionShape& shape, float scale, const float* queries, const float* keys_t, const float* values,
+    float* scores, float* out);
+
+}  // namespace sam2_fast

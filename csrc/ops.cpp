@@ -1,0 +1,54 @@
+// The sam2_fast_ext operator library: schemas of every op, and the Python module stub sam2_fast._C.
+//
+// Each op takes exactly the arguments of its plain-PyTorch reference in sam2_fast/torch_ops.py, in that order.
+// Kernels live one file per op per device: csrc/<op>.cpp (CPU) and csrc/cuda/<op>.cu (CUDA).
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/TensorOptions.h>
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+namespace sam2_fast {
+namespace {
+
+// sine_position_encoding has no tensor argument, so the dispatcher cannot tell its device from its inputs. Like
+// ATen's factory functions, it goes through a BackendSelect kernel that redispatches on the `device` argument.
+at::Tensor sine_position_encoding_backend_select(
+    c10::DispatchKeySet, int64_t height, int64_t width, int64_t num_pos_feats, double temperature, bool normalize,
+    double scale, c10::Device device) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("sam2_fast_ext::sine_position_encoding", "")
+                             .typed<at::Tensor(int64_t, int64_t, int64_t, double, bool, double, c10::Device)>();
+  const c10::DispatchKey key = c10::computeDispatchKey(at::kFloat, at::kStrided, device);
+  return op.redispatch(
+      c10::DispatchKeySet(key), height, width, num_pos_feats, temperature, normalize, scale, device);
+}
+
+}  // namespace
+}  // namespace sam2_fast
+
+TORCH_LIBRARY(sam2_fast_ext, m) {
+  m.def("window_attention(Tensor qkv, Tensor? qkv_bias, int num_heads, int window_size, bool q_pool) -> Tensor");
+  m.def("global_attention(Tensor qkv, int num_heads, bool q_pool) -> Tensor");
+  m.def("maxpool2x2(Tensor x) -> Tensor");
+  m.def("fpn_upsample_add(Tensor lateral, Tensor prev) -> Tensor");
+  m.def(
+      "sine_position_encoding(int height, int width, int num_pos_feats, float temperature, bool normalize, "
+      "float scale, Device device) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(sam2_fast_ext, BackendSelect, m) {
+  m.impl("sine_position_encoding", TORCH_FN(sam2_fast::sine_position_encoding_backend_select));
+}
+
+// Importing sam2_fast._C loads this library, which registers the ops above with the dispatcher.
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "sam2_fast's C++/CUDA kernels, registered as torch.ops.sam2_fast_ext.*";
+  m.def("built_with_cuda", []() {
+#ifdef SAM2_FAST_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether the extension has CUDA kernels (else CPU only).");
+}

@@ -1,0 +1,109 @@
+// window_attention on CPU: Hiera's windowed multi-head attention, read and written in place.
+//
+// qkv: (B, H, W, 3 * dim), any strides over B, H, W, channels split as (3, num_heads, head_dim); fp32/bf16/fp16.
+// qkv_bias: (3 * dim,) or None, the q, k and v of the padding tokens (the reference pads the normed input with
+// zeros before the qkv projection); they attend unmasked, as in the reference.
+// out: (B, H_out, W_out, dim), contiguous, qkv's dtype; (H_out, W_out) = (H, W), or (H // 2, W // 2) with q_pool.
+//
+// Fuses the window partition with padding, the 2x2 max-pool of q inside each window, the attention (fp32
+// accumulation, scale 1 / sqrt(head_dim)) and the unpartition with its crop: no intermediate copies of the map.
+// One task is one (window, head); the (B * rows * cols * num_heads) tasks are spread with at::parallel_for.
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <vector>
+
+#include "attention_gather.h"
+
+namespace sam2_fast {
+namespace {
+
+at::Tensor window_attention_cpu(
+    const at::Tensor& qkv_in, const std::optional<at::Tensor>& qkv_bias, int64_t num_heads, int64_t window_size,
+    bool q_pool) {
+  const at::Tensor qkv = checked_qkv(qkv_in, num_heads, "window_attention");
+  TORCH_CHECK(window_size > 0, "window_attention: expected a positive window_size, got ", window_size);
+  // An odd window would pool to fewer rows than H // 2 (each window drops its last row), a case Hiera never has.
+  TORCH_CHECK(!q_pool || window_size % 2 == 0, "window_attention: q_pool needs an even window_size, got ",
+              window_size);
+  const int64_t batch = qkv.size(0), height = qkv.size(1), width = qkv.size(2), dim = qkv.size(3) / 3;
+  const int64_t head_dim = dim / num_heads;
+  at::Tensor fill;
+  if (qkv_bias.has_value()) {
+    TORCH_CHECK(qkv_bias->dim() == 1 && qkv_bias->size(0) == 3 * dim,
+                "window_attention: expected qkv_bias of shape (", 3 * dim, ",), got ", qkv_bias->sizes());
+    fill = qkv_bias->to(qkv.scalar_type()).contiguous();  // rounded to qkv's dtype, as the reference pads
+  } else {
+    fill = at::zeros({3 * dim}, qkv.options());
+  }
+  const int64_t rows = (height + window_size - 1) / window_size, cols = (width + window_size - 1) / window_size;
+  const int64_t out_window = q_pool ? window_size / 2 : window_size;
+  const int64_t out_h = q_pool ? height / 2 : height, out_w = q_pool ? width / 2 : width;
+  at::Tensor out = at::empty({batch, out_h, out_w, dim}, qkv.options());
+  if (out.numel() == 0) return out;
+
+  const AttentionShape shape{out_window * out_window, window_size * window_size, head_dim};
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
+  const int64_t num_tasks = batch * rows * cols * num_heads;
+  const int64_t task_cost = shape.num_queries * shape.num_keys * head_dim;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "window_attention_cpu", [&] {
+    const TokenReader<scalar_t> reader{qkv.const_data_ptr<scalar_t>(), fill.const_data_ptr<scalar_t>(),
+                                       qkv.stride(0), qkv.stride(1), qkv.stride(2), height, width};
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, num_tasks, grain_for(task_cost, 1 << 18), [&](int64_t begin, int64_t end) {
+      // Zero-initialized once: the padding rows and columns stay zero, as attention_f32 expects.
+      std::vector<float> queries(shape.query_rows() * head_dim);
+      std::vector<float> keys_t(head_dim * shape.key_stride());
+      std::vector<float> values(shape.num_keys * shape.value_stride());
+      std::vector<float> scores(shape.query_rows() * shape.key_stride());
+      std::vector<float> result(shape.query_rows() * shape.value_stride());
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t head = task % num_heads, window = task / num_heads;
+        const int64_t col = window % cols, row = (window / cols) % rows, b = window / (cols * rows);
+        const int64_t y0 = row * window_size, x0 = col * window_size;
+        const int64_t q_offset = head * head_dim, k_offset = dim + q_offset, v_offset = 2 * dim + q_offset;
+        for (int64_t wy = 0; wy < window_size; ++wy) {
+          for (int64_t wx = 0; wx < window_size; ++wx) {
+            read_key_value(reader.token(b, y0 + wy, x0 + wx), k_offset, v_offset, head_dim, wy * window_size + wx,
+                           shape, keys_t.data(), values.data());
+          }
+        }
+        const int64_t step = q_pool ? 2 : 1;
+        for (int64_t qy = 0; qy < out_window; ++qy) {
+          for (int64_t qx = 0; qx < out_window; ++qx) {
+            read_query(reader, b, y0 + step * qy, x0 + step * qx, q_pool, q_offset, head_dim,
+                       queries.data() + (qy * out_window + qx) * head_dim);
+          }
+        }
+        attention_f32(shape, scale, queries.data(), keys_t.data(), values.data(), scores.data(), result.data());
+        // Unpartition and crop: query (qy, qx) of this window lands at (row * out_window + qy, col * out_window + qx).
+        for (int64_t qy = 0; qy < out_window; ++qy) {
+          const int64_t oy = row * out_window + qy;
+          if (oy >= out_h) break;
+          for (int64_t qx = 0; qx < out_window; ++qx) {
+            const int64_t ox = col * out_window + qx;
+            if (ox >= out_w) break;
+            const float* src = result.data() + (qy * out_window + qx) * shape.value_stride();
+            scalar_t* out_token = dst + ((b * out_h + oy) * out_w + ox) * dim + q_offset;
+            for (int64_t d = 0; d < head_dim; ++d) out_token[d] = static_cast<scalar_t>(src[d]);
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace sam2_fast
+
+TORCH_LIBRARY_IMPL(sam2_fast_ext, CPU, m) {
+  m.impl("window_attention", TORCH_FN(sam2_fast::window_attention_cpu));
+}

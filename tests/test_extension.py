@@ -1,0 +1,323 @@
+"""The C++/CUDA extension sam2_fast._C (ops torch.ops.sam2_fast_ext.*) against sam2_fast.torch_ops.
+
+Skipped, with the reason, when the extension is not built. Every op passes torch.library.opcheck (schema, fake
+implementation, dynamic-shape tracing) and matches the torch implementation on odd shapes: odd channel counts,
+non-square maps whose last window is mostly padding, batches of 1 to 3, non-contiguous inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import sam2_fast
+from sam2_fast import _extension, ops, torch_ops
+
+if _extension.load_error() is not None:
+    pytest.skip(_extension.load_error(), allow_module_level=True)
+
+EXT = torch.ops.sam2_fast_ext
+DEVICES = [pytest.param("cpu")] + [
+    pytest.param("cuda", marks=pytest.mark.gpu) for _ in range("cuda" in _extension.device_types())
+]
+ATTENTION_ON_DEVICE = {"cpu"}  # attention on CUDA is the Triton backend's job
+
+# fp32 attention: the kernel sums the same products as torch's SDPA in another order (blocked dot products, its
+# own exp), so it agrees to a few fp32 ulps of the O(1) outputs, as torch's own error against float64 does (~2e-6).
+ATTENTION_FP32_TOL = dict(atol=2e-5, rtol=2e-5)
+# Low precision: both the kernel and plain torch are compared with an fp32 reference on the same rounded inputs;
+# the kernel accumulates in fp32 and rounds once, so its error must be at most twice torch's (flash-attention's
+# rule), plus a floor for ops where both are exact.
+LOW_PRECISION_ERROR_RATIO = 2.0
+LOW_PRECISION_ERROR_FLOOR = 1e-6
+
+
+def assert_close_verbose(actual: torch.Tensor, expected: torch.Tensor, atol: float = 0.0, rtol: float = 0.0,
+                         name: str = "output") -> None:
+    """assert_close that reports the number of bad elements, the first bad indices and NaN/Inf mismatches."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != expected {expected.dtype}"
+    actual64, expected64 = actual.detach().cpu().double(), expected.detach().cpu().double()
+    nan_mismatch = actual64.isnan() != expected64.isnan()
+    inf_mismatch = actual64.isinf() != expected64.isinf()
+    both_finite = actual64.isfinite() & expected64.isfinite()
+    difference = (actual64 - expected64).abs()
+    too_far = both_finite & (difference > atol + rtol * expected64.abs())
+    bad = too_far | nan_mismatch | inf_mismatch
+    if bad.any():
+        indices = bad.nonzero()[:8].tolist()
+        details = [f"{tuple(i)}: got {actual64[tuple(i)].item():.8g}, expected {expected64[tuple(i)].item():.8g}"
+                   for i in indices]
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} of {bad.numel()} elements differ (atol {atol}, rtol {rtol}); "
+            f"NaN mismatches {int(nan_mismatch.sum())}, Inf mismatches {int(inf_mismatch.sum())}; "
+            f"max abs difference {difference[both_finite].max().item() if both_finite.any() else float('nan'):.3g}; "
+            "first bad:\n  " + "\n  ".join(details)
+        )
+
+
+def assert_low_precision_error(name: str, ours: torch.Tensor, plain: torch.Tensor, reference: torch.Tensor) -> None:
+    """Our low-precision result's max error against the fp32 reference is at most 2x plain torch's."""
+    ours_error = (ours.double() - reference.double()).abs().max().item()
+    plain_error = (plain.double() - reference.double()).abs().max().item()
+    print(f"{name}: extension error {ours_error:.3g}, torch error {plain_error:.3g} (vs fp32 reference)")
+    assert ours_error <= LOW_PRECISION_ERROR_RATIO * plain_error + LOW_PRECISION_ERROR_FLOOR, (
+        f"{name}: extension error {ours_error:.3g} exceeds {LOW_PRECISION_ERROR_RATIO}x torch's {plain_error:.3g}"
+    )
+
+
+def channels_last_map(batch: int, height: int, width: int, channels: int, device: str, layout: str,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A (B, H, W, C) map that is contiguous, has transposed H/W strides, or strided channels."""
+    if layout == "contiguous":
+        return torch.randn(batch, height, width, channels, device=device, dtype=dtype)
+    if layout == "hw_transposed":
+        return torch.randn(batch, width, height, channels, device=device, dtype=dtype).transpose(1, 2)
+    if layout == "strided_channels":
+        return torch.randn(batch, height, width, 2 * channels, device=device, dtype=dtype)[..., ::2]
+    raise ValueError(layout)
+
+
+LAYOUTS = ("contiguous", "hw_transposed", "strided_channels")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# maxpool2x2
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(1, 8, 8, 3), (2, 13, 11, 7), (3, 5, 18, 33)])
+def test_maxpool2x2_fp32(device, layout, shape):
+    x = channels_last_map(*shape, device=device, layout=layout)
+    assert_close_verbose(EXT.maxpool2x2(x), torch_ops.maxpool2x2(x).contiguous(), name="maxpool2x2")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_maxpool2x2_low_precision_is_exact(device, dtype):
+    x = channels_last_map(2, 15, 9, 19, device=device, layout="hw_transposed", dtype=dtype)
+    assert_close_verbose(EXT.maxpool2x2(x), torch_ops.maxpool2x2(x).contiguous(), name="maxpool2x2")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_maxpool2x2_propagates_nan(device):
+    x = torch.randn(1, 4, 6, 5, device=device)
+    x[0, 1, 2, 3] = float("nan")
+    x[0, 2, 5, 0] = float("nan")
+    assert_close_verbose(EXT.maxpool2x2(x), torch_ops.maxpool2x2(x).contiguous(), name="maxpool2x2")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fpn_upsample_add
+
+def _fpn_inputs(batch, channels, height, width, device, lateral_dtype, prev_dtype, channels_last):
+    lateral = torch.randn(batch, channels, 2 * height, 2 * width, device=device).to(lateral_dtype)
+    prev = torch.randn(batch, channels, height, width, device=device).to(prev_dtype)
+    if channels_last:
+        lateral = lateral.to(memory_format=torch.channels_last)
+        prev = prev.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)  # transposed strides
+    return lateral, prev
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("lateral_dtype,prev_dtype", [
+    (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+    (torch.float16, torch.bfloat16), (torch.float64, torch.float64),
+])
+@pytest.mark.parametrize("shape", [(1, 3, 4, 4), (2, 17, 5, 9), (3, 33, 7, 3)])
+def test_fpn_upsample_add(device, channels_last, lateral_dtype, prev_dtype, shape):
+    lateral, prev = _fpn_inputs(*shape, device, lateral_dtype, prev_dtype, channels_last)
+    expected = torch_ops.fpn_upsample_add(lateral, prev)
+    # The reference's dtype rule: the top-down term is fp32, so bf16 laterals give an fp32 result.
+    assert expected.dtype == torch.promote_types(lateral_dtype, torch.float32)
+    assert_close_verbose(EXT.fpn_upsample_add(lateral, prev), expected, name="fpn_upsample_add")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sine_position_encoding
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("height,width,num_pos_feats,normalize", [
+    (16, 16, 128, True), (7, 13, 6, True), (64, 32, 128, True), (9, 5, 16, False), (1, 3, 2, True),
+])
+def test_sine_position_encoding(device, height, width, num_pos_feats, normalize):
+    args = (height, width, num_pos_feats, 10000.0, normalize, 2 * math.pi, torch.device(device))
+    # The tables come from the reference's own ATen ops, so the values are identical, not just close.
+    assert_close_verbose(EXT.sine_position_encoding(*args), torch_ops.sine_position_encoding(*args),
+                         name="sine_position_encoding")
+
+
+def test_sine_position_encoding_rejects_odd_num_pos_feats():
+    with pytest.raises(RuntimeError, match="even"):
+        EXT.sine_position_encoding(4, 4, 7, 10000.0, True, 1.0, torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# window_attention and global_attention (CPU)
+
+# (batch, height, width, num_heads, head_dim, window_size, q_pool): odd head dims and channel counts, maps that are
+# not multiples of the window (the last window column or row is mostly padding), Hiera's q-pool cases.
+WINDOW_CASES = [
+    (1, 9, 17, 1, 12, 8, False),    # pads to 16 x 24: last window row holds 1 real row of 8
+    (2, 13, 10, 3, 7, 4, False),    # odd head_dim, dim 21, qkv 63 channels
+    (3, 15, 15, 2, 5, 14, False),   # one real window plus 13/14 padding windows
+    (1, 16, 24, 1, 96, 8, False),   # tiny's stage-1 head_dim, no padding
+    (2, 11, 9, 2, 9, 8, True),      # q_pool inside padded windows, odd output crop
+    (1, 30, 22, 1, 24, 14, True),   # window 14 pooled to 7 (Hiera's stage-3 q-pool uses window 14 -> 7 output)
+    (3, 9, 7, 1, 11, 4, True),
+]
+
+
+def _attention_inputs(batch, height, width, num_heads, head_dim, layout, with_bias, dtype=torch.float32):
+    qkv = channels_last_map(batch, height, width, 3 * num_heads * head_dim, "cpu", layout, dtype)
+    bias = torch.randn(3 * num_heads * head_dim, dtype=dtype) if with_bias else None
+    return qkv, bias
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=str)
+def test_window_attention_fp32(case, with_bias, layout):
+    batch, height, width, num_heads, head_dim, window_size, q_pool = case
+    qkv, bias = _attention_inputs(batch, height, width, num_heads, head_dim, layout, with_bias)
+    assert_close_verbose(
+        EXT.window_attention(qkv, bias, num_heads, window_size, q_pool),
+        torch_ops.window_attention(qkv, bias, num_heads, window_size, q_pool).contiguous(),
+        name="window_attention", **ATTENTION_FP32_TOL,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", WINDOW_CASES[:2] + WINDOW_CASES[4:6], ids=str)
+def test_window_attention_low_precision(case, dtype):
+    batch, height, width, num_heads, head_dim, window_size, q_pool = case
+    qkv, bias = _attention_inputs(batch, height, width, num_heads, head_dim, "hw_transposed", True, dtype)
+    reference = torch_ops.window_attention(qkv.float(), bias.float(), num_heads, window_size, q_pool)
+    ours = EXT.window_attention(qkv, bias, num_heads, window_size, q_pool)
+    assert ours.dtype == dtype
+    plain = torch_ops.window_attention(qkv, bias, num_heads, window_size, q_pool)
+    assert_low_precision_error(f"window_attention {dtype} {case}", ours, plain, reference)
+
+
+GLOBAL_CASES = [
+    (1, 8, 8, 1, 12, False), (2, 13, 7, 3, 7, False), (3, 5, 11, 2, 9, False), (1, 24, 16, 1, 96, False),
+    (2, 9, 13, 2, 5, True), (1, 16, 16, 4, 24, True),
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", GLOBAL_CASES, ids=str)
+def test_global_attention_fp32(case, layout):
+    batch, height, width, num_heads, head_dim, q_pool = case
+    qkv, _ = _attention_inputs(batch, height, width, num_heads, head_dim, layout, False)
+    assert_close_verbose(
+        EXT.global_attention(qkv, num_heads, q_pool),
+        torch_ops.global_attention(qkv, num_heads, q_pool).contiguous(),
+        name="global_attention", **ATTENTION_FP32_TOL,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", GLOBAL_CASES[1:5], ids=str)
+def test_global_attention_low_precision(case, dtype):
+    batch, height, width, num_heads, head_dim, q_pool = case
+    qkv, _ = _attention_inputs(batch, height, width, num_heads, head_dim, "contiguous", False, dtype)
+    reference = torch_ops.global_attention(qkv.float(), num_heads, q_pool)
+    ours = EXT.global_attention(qkv, num_heads, q_pool)
+    assert ours.dtype == dtype
+    plain = torch_ops.global_attention(qkv, num_heads, q_pool)
+    assert_low_precision_error(f"global_attention {dtype} {case}", ours, plain, reference)
+
+
+def test_attention_rejects_bad_channels():
+    with pytest.raises(RuntimeError, match="multiple of 3 \\* num_heads"):
+        EXT.window_attention(torch.randn(1, 4, 4, 20), None, 2, 4, False)
+    with pytest.raises(RuntimeError, match="qkv_bias"):
+        EXT.window_attention(torch.randn(1, 4, 4, 24), torch.randn(12), 2, 4, False)
+    # Hiera q-pools only even windows; an odd one would pool each window to fewer rows than H // 2.
+    with pytest.raises(RuntimeError, match="even window_size"):
+        EXT.window_attention(torch.randn(1, 14, 14, 24), None, 2, 7, True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# opcheck: schema, fake implementation, autograd registration and dynamic-shape tracing of every op
+
+def _opcheck_samples():
+    bias = torch.randn(3 * 2 * 5)
+    return [
+        pytest.param(EXT.maxpool2x2, (channels_last_map(2, 7, 6, 5, "cpu", "hw_transposed"),), id="maxpool2x2"),
+        pytest.param(EXT.fpn_upsample_add, _fpn_inputs(2, 3, 4, 5, "cpu", torch.bfloat16, torch.float32, True),
+                     id="fpn_upsample_add"),
+        pytest.param(EXT.sine_position_encoding, (5, 7, 8, 10000.0, True, 2 * math.pi, torch.device("cpu")),
+                     id="sine_position_encoding"),
+        pytest.param(EXT.window_attention, (torch.randn(2, 9, 6, 30), bias, 2, 4, False), id="window_attention"),
+        pytest.param(EXT.window_attention, (torch.randn(1, 9, 10, 30), None, 2, 4, True), id="window_attention_q_pool"),
+        pytest.param(EXT.global_attention, (torch.randn(2, 5, 6, 30), 2, False), id="global_attention"),
+        pytest.param(EXT.global_attention, (torch.randn(1, 7, 6, 30), 2, True), id="global_attention_q_pool"),
+    ]
+
+
+@pytest.mark.parametrize("op,args", _opcheck_samples())
+def test_opcheck(op, args):
+    torch.library.opcheck(op, args)
+
+
+def test_every_op_has_a_cpu_kernel_and_opcheck_sample():
+    ids = {sample.id.removesuffix("_q_pool") for sample in _opcheck_samples()}
+    assert ids == set(ops.OPS)
+    for name in ops.OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"sam2_fast_ext::{name}", "CPU") or \
+            name == "sine_position_encoding", name
+
+
+def test_export_traces_through_the_fakes():
+    class Neck(torch.nn.Module):
+        def forward(self, lateral, prev):
+            fused = torch.ops.sam2_fast_ext.fpn_upsample_add(lateral, prev)
+            pos = torch.ops.sam2_fast_ext.sine_position_encoding(
+                fused.shape[2], fused.shape[3], 4, 10000.0, True, 2 * math.pi, torch.device("cpu"))
+            return torch.ops.sam2_fast_ext.maxpool2x2(fused.permute(0, 2, 3, 1)), pos
+
+    lateral, prev = _fpn_inputs(1, 3, 4, 6, "cpu", torch.float32, torch.float32, False)
+    exported = torch.export.export(Neck(), (lateral, prev))
+    for actual, expected in zip(exported.module()(lateral, prev), Neck()(lateral, prev)):
+        assert_close_verbose(actual, expected, name="exported")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Through the op layer
+
+def test_op_layer_runs_the_extension():
+    with sam2_fast.use_backend("extension"):
+        assert set(ops.active_backends("cpu").values()) == {"extension"}
+        qkv = channels_last_map(2, 11, 9, 3 * 2 * 9, "cpu", "hw_transposed")
+        bias = torch.randn(3 * 2 * 9)
+        assert_close_verbose(ops.window_attention(qkv, bias, 2, 8, True),
+                             torch_ops.window_attention(qkv, bias, 2, 8, True).contiguous(),
+                             name="ops.window_attention", **ATTENTION_FP32_TOL)
+        assert_close_verbose(ops.global_attention(qkv, 2, False),
+                             torch_ops.global_attention(qkv, 2, False).contiguous(),
+                             name="ops.global_attention", **ATTENTION_FP32_TOL)
+        x = channels_last_map(3, 9, 14, 11, "cpu", "strided_channels")
+        assert_close_verbose(ops.maxpool2x2(x), torch_ops.maxpool2x2(x).contiguous(), name="ops.maxpool2x2")
+        lateral, prev = _fpn_inputs(2, 5, 3, 4, "cpu", torch.bfloat16, torch.bfloat16, True)
+        assert_close_verbose(ops.fpn_upsample_add(lateral, prev), torch_ops.fpn_upsample_add(lateral, prev),
+                             name="ops.fpn_upsample_add")
+        args = (12, 20, 64, 10000.0, True, 2 * math.pi, "cpu")
+        assert_close_verbose(ops.sine_position_encoding(*args),
+                             torch_ops.sine_position_encoding(*args[:-1], torch.device("cpu")),
+                             name="ops.sine_position_encoding")
+
+
+def test_op_layer_gradients_flow_through_the_extension():
+    qkv = torch.randn(1, 9, 6, 3 * 2 * 5, requires_grad=True)
+    bias = torch.randn(3 * 2 * 5, requires_grad=True)
+    with sam2_fast.use_backend("extension"):
+        ops.window_attention(qkv, bias, 2, 4, False).sum().backward()
+    expected_qkv, expected_bias = torch.autograd.grad(
+        torch_ops.window_attention(qkv, bias, 2, 4, False).sum(), [qkv, bias])
+    assert_close_verbose(qkv.grad, expected_qkv, atol=1e-5, rtol=1e-5, name="qkv.grad")
+    assert_close_verbose(bias.grad, expected_bias, atol=1e-5, rtol=1e-5, name="qkv_bias.grad")
