@@ -1,0 +1,76 @@
+"""Shared test helpers: seeded reference/ours encoder pairs, error measures, verbose mismatch reports."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+import sam2_fast
+from sam2_fast.reference import build_reference_encoder
+
+
+def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Seeded weights that exercise everything: non-zero positional embeddings, norms and (qkv) biases.
+
+    Default inits leave the positional embeddings at zero and the norms at identity, which would hide bugs in
+    the positional-embedding path and in how padded tokens (whose q, k, v equal the qkv bias) are treated.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if "pos_embed" in name:
+                param.copy_(0.5 * noise)
+            elif "norm" in name and name.endswith("weight"):
+                param.copy_(1 + 0.1 * noise)
+            elif name.endswith("bias"):
+                param.copy_(0.1 * noise)
+            else:
+                param.copy_(noise * param.std().clamp_min(1e-3))
+    return module
+
+
+@functools.lru_cache(maxsize=4)
+def seeded_state(name: str, seed: int = 0):
+    """A seeded fp32 state_dict for config ``name``, made by the reference encoder itself."""
+    return randomize_(build_reference_encoder(name), seed).state_dict()
+
+
+def encoder_pair(name: str, seed: int = 0):
+    """(reference sam2 encoder, our encoder), fresh, with the same seeded weights, fp32 on CPU in eval mode."""
+    state = seeded_state(name, seed)
+    reference = build_reference_encoder(name)
+    reference.load_state_dict(state)
+    ours = sam2_fast.build_image_encoder(name)
+    ours.load_state_dict(state)
+    return reference, ours
+
+
+def flat_outputs(output: dict):
+    """The encoder's output dict as a list of (name, tensor)."""
+    items = [("vision_features", output["vision_features"])]
+    items += [(f"backbone_fpn[{i}]", t) for i, t in enumerate(output["backbone_fpn"])]
+    items += [(f"vision_pos_enc[{i}]", t) for i, t in enumerate(output["vision_pos_enc"])]
+    return items
+
+
+def max_abs_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return (actual.double() - expected.double()).abs().max().item()
+
+
+def assert_close_verbose(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float = 0.0, name: str = ""):
+    """assert_close with a report of how many elements are off, the first bad indices and NaN/Inf mismatches."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+    a, e = actual.double(), expected.double()
+    nan_mismatch = (a.isnan() != e.isnan()).sum().item()
+    inf_mismatch = (a.isinf() != e.isinf()).sum().item()
+    bad = ((a - e).abs() > atol + rtol * e.abs()) & ~(a.isnan() & e.isnan())
+    count = bad.sum().item()
+    if count or nan_mismatch or inf_mismatch:
+        indices = bad.nonzero()[:5].tolist()
+        raise AssertionError(
+            f"{name}: {count} of {bad.numel()} elements differ beyond atol={atol:g}, rtol={rtol:g} "
+            f"(max abs error {max_abs_error(actual, expected):.3g}); first bad indices {indices}; "
+            f"NaN mismatches {nan_mismatch}, Inf mismatches {inf_mismatch}"
+        )

@@ -1,0 +1,171 @@
+"""The op layer and its torch backend: each op against the `sam2` package's own code path, backend selection,
+custom-op registration (opcheck) and gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from sam2.modeling.backbones.hieradet import MultiScaleAttention as ReferenceAttention
+from sam2.modeling.backbones.utils import window_partition, window_unpartition
+from sam2.modeling.position_encoding import PositionEmbeddingSine as ReferenceSine
+
+import sam2_fast
+from sam2_fast import ops, torch_ops
+
+from helpers import assert_close_verbose
+
+# fp32 throughout; the two sides run the same SDPA on differently strided views, which may round differently.
+ATOL = 1e-5
+
+
+def _reference_attention(x, dim_out, num_heads, window_size, q_pool, seed=0):
+    """sam2's own sequence: pad + partition, MultiScaleAttention (projection = identity), unpartition + crop."""
+    torch.manual_seed(seed)
+    pool = torch.nn.MaxPool2d(2, 2) if q_pool else None
+    attention = ReferenceAttention(x.shape[-1], dim_out, num_heads, q_pool=pool)
+    with torch.no_grad():
+        attention.qkv.bias.normal_()  # padded tokens carry this bias: it must not be zero in a test
+        attention.proj.weight.copy_(torch.eye(dim_out))
+        attention.proj.bias.zero_()
+    height, width = x.shape[1:3]
+    if window_size:
+        windows, pad_hw = window_partition(x, window_size)
+        out = attention(windows)
+        if q_pool:
+            window_size //= 2
+            height, width = height // 2, width // 2
+            pad_hw = tuple(s + (window_size - s % window_size) % window_size for s in (height, width))
+        out = window_unpartition(out, window_size, pad_hw, (height, width))
+    else:
+        out = attention(x)
+    return out, attention.qkv
+
+
+WINDOW_CASES = [
+    # (B, H, W, dim_in, dim_out, heads, window, q_pool)
+    (1, 8, 8, 16, 16, 1, 8, False),
+    (2, 5, 11, 16, 24, 2, 4, False),  # padding on both sides, odd head_dim 12
+    (1, 10, 6, 8, 16, 2, 4, True),  # q-pool with padding
+    (3, 7, 9, 8, 16, 1, 14, True),  # one window, mostly padding, odd map -> floor pooling
+    (1, 6, 10, 8, 8, 2, 16, False),
+    (1, 14, 14, 8, 16, 2, 7, False),
+]
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES)
+def test_window_attention_matches_sam2(case):
+    batch, height, width, dim_in, dim_out, heads, window, q_pool = case
+    x = torch.randn(batch, height, width, dim_in)
+    with torch.no_grad():
+        expected, qkv_linear = _reference_attention(x, dim_out, heads, window, q_pool)
+        actual = ops.window_attention(qkv_linear(x), qkv_linear.bias, heads, window, q_pool)
+    assert_close_verbose(actual, expected, atol=ATOL, name="window_attention")
+
+
+@pytest.mark.parametrize("q_pool", [False, True])
+def test_global_attention_matches_sam2(q_pool):
+    x = torch.randn(2, 7, 10, 16)
+    with torch.no_grad():
+        expected, qkv_linear = _reference_attention(x, 32, 2, 0, q_pool)
+        actual = ops.global_attention(qkv_linear(x), 2, q_pool)
+    assert_close_verbose(actual, expected, atol=ATOL, name="global_attention")
+
+
+def test_maxpool_and_fpn_match_torch_sequences():
+    x = torch.randn(2, 9, 7, 13)
+    expected = torch.nn.MaxPool2d(2, 2)(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    torch.testing.assert_close(ops.maxpool2x2(x), expected, atol=0, rtol=0)
+    lateral, prev = torch.randn(2, 5, 6, 8, dtype=torch.bfloat16), torch.randn(2, 5, 3, 4, dtype=torch.bfloat16)
+    fused = ops.fpn_upsample_add(lateral, prev)
+    assert fused.dtype == torch.float32  # the reference upsamples in float32
+    torch.testing.assert_close(fused, lateral + F.interpolate(prev.float(), scale_factor=2.0, mode="nearest"))
+
+
+@pytest.mark.parametrize("size", [(4, 4), (16, 24), (7, 3)])
+def test_sine_position_encoding_matches_sam2(size):
+    reference = ReferenceSine(256, warmup_cache=False)
+    ours = sam2_fast.PositionEmbeddingSine(256, warmup_cache=False)
+    x = torch.zeros(3, 8, *size)
+    expected = reference(x)
+    actual = ours(x)
+    torch.testing.assert_close(actual, expected, atol=0, rtol=0)
+    assert actual.shape == (3, 256, *size)
+    # One cached encoding, broadcast over the batch instead of copied per image.
+    assert actual.stride(0) == 0
+    assert ours(x, dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+OPCHECK_CASES = {
+    "window_attention": lambda: (torch.randn(2, 5, 6, 3 * 8, dtype=torch.float64, requires_grad=True),
+                                 torch.randn(3 * 8, dtype=torch.float64, requires_grad=True), 2, 4, True, "torch"),
+    "global_attention": lambda: (torch.randn(1, 4, 6, 3 * 8, dtype=torch.float64, requires_grad=True), 2, True, "torch"),
+    "maxpool2x2": lambda: (torch.randn(2, 5, 7, 3, dtype=torch.float64, requires_grad=True), "torch"),
+    "fpn_upsample_add": lambda: (torch.randn(1, 3, 4, 6, dtype=torch.float64, requires_grad=True),
+                                 torch.randn(1, 3, 2, 3, dtype=torch.float64, requires_grad=True), "torch"),
+    "sine_position_encoding": lambda: (5, 6, 8, 10000.0, True, 6.283185307179586, torch.device("cpu"), "torch"),
+}
+
+
+@pytest.mark.parametrize("op", list(OPCHECK_CASES))
+def test_custom_op_registration_opcheck(op):
+    # Checks schema, fake (meta) implementation, autograd registration and dispatch of each sam2_fast custom op.
+    torch.library.opcheck(getattr(torch.ops.sam2_fast, op).default, OPCHECK_CASES[op]())
+
+
+def test_custom_op_gradients_match_torch_path():
+    # The recompute backward of the custom ops gives the torch implementation's gradients.
+    qkv = torch.randn(1, 6, 5, 3 * 8, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3 * 8, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(
+        lambda q, b: torch.ops.sam2_fast.window_attention(q, b, 2, 4, True, "torch"), (qkv, bias)
+    )
+    # fpn_upsample_add upsamples in float32 (as the reference does), too coarse for finite differences:
+    # compare its gradients with autograd's through the torch implementation instead.
+    lateral = torch.randn(1, 2, 4, 4, requires_grad=True)
+    prev = torch.randn(1, 2, 2, 2, requires_grad=True)
+    grad_out = torch.randn(1, 2, 4, 4)
+    fast = torch.autograd.grad(torch.ops.sam2_fast.fpn_upsample_add(lateral, prev, "torch"), (lateral, prev), grad_out)
+    plain = torch.autograd.grad(torch_ops.fpn_upsample_add(lateral, prev), (lateral, prev), grad_out)
+    for a, b in zip(fast, plain):
+        torch.testing.assert_close(a, b)
+
+
+def test_backend_selection():
+    assert sam2_fast.get_backend() == "auto"
+    with sam2_fast.use_backend("torch"):
+        assert sam2_fast.get_backend() == "torch"
+        assert set(sam2_fast.active_backends("cpu").values()) == {"torch"}
+    assert sam2_fast.get_backend() == "auto"
+    with pytest.raises(ValueError, match="unknown sam2_fast backend 'cuda'"):
+        sam2_fast.set_backend("cuda")
+    status = sam2_fast.backend_status("cpu")
+    assert set(status) == {"torch", "triton", "extension"}
+    assert set(status["torch"].values()) == {"available"}
+
+
+@pytest.mark.skipif(ops._triton_runs_on("cpu"), reason="under TRITON_INTERPRET=1 triton does run on CPU")
+def test_explicit_unavailable_backend_names_what_is_missing():
+    with sam2_fast.use_backend("triton"), pytest.raises(sam2_fast.BackendUnavailableError, match="cannot run maxpool2x2: "):
+        ops.maxpool2x2(torch.zeros(1, 2, 2, 1))
+
+
+def test_environment_variable_selects_backend():
+    import subprocess
+    import sys
+
+    code = "import sam2_fast; print(sam2_fast.get_backend())"
+    env = {"SAM2_FAST_BACKEND": "torch", "PATH": ""}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "torch"
+    env["SAM2_FAST_BACKEND"] = "fastest"
+    failed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert failed.returncode != 0 and "unknown sam2_fast backend 'fastest'" in failed.stderr
+
+
+def test_encoder_gradients_flow():
+    # Fine-tuning: every parameter gets a gradient through the torch path.
+    encoder = sam2_fast.build_image_encoder("sam2.1_hiera_tiny").train()
+    with sam2_fast.use_backend("torch"):
+        out = encoder(torch.randn(1, 3, 64, 96))
+    sum(t.float().square().mean() for t in out["backbone_fpn"]).backward()
+    # The scalped coarsest level still feeds level 2 through the top-down path, so nothing is left out.
+    assert [n for n, p in encoder.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []
