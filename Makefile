@@ -12,16 +12,19 @@ TORCH_SPEC ?= torch==2.13.0
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q "$(TORCH_SPEC)" numpy triton ninja
-	$(PY) -m pip install -q pytest pytest-benchmark tqdm pillow hydra-core iopath safetensors matplotlib
+	$(PY) -m pip install -q "$(TORCH_SPEC)" ninja
+	# The reference sam2 package, to test and benchmark against (pure Python, no torchvision needed).
 	SAM2_BUILD_CUDA=0 $(PY) -m pip install -q --no-deps --no-build-isolation sam2==1.1.0
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	# sam2_fast itself with its test extras; builds the C++ extension against the torch above.
+	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
 	touch $@
 
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) -m sam2_fast.demo
+	$(PY) -m sam2_fast.cli info
+	$(PY) -m sam2_fast.cli encode --size 512 --compare-reference
+	$(PY) -m bench.report
 
 test: install
 	$(PY) -m pytest -q tests -m "not interpreter"

@@ -1,0 +1,181 @@
+"""Command line: ``sam2-fast info`` (backends) and ``sam2-fast encode`` (images -> SAM-2 image embeddings).
+
+    sam2-fast encode photo.jpg --config sam2.1_hiera_base_plus --checkpoint sam2.1_hiera_base_plus.pt --out emb.pt
+    sam2-fast encode --compare-reference          # a generated sample image, checked against the sam2 package
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import List, Optional
+
+import torch
+
+from . import ops
+from .build import build_image_encoder
+from .configs import CONFIGS, DEFAULT_CONFIG
+
+# SAM-2's image normalisation (ImageNet statistics), applied after scaling pixels to [0, 1].
+PIXEL_MEAN = (0.485, 0.456, 0.406)
+PIXEL_STD = (0.229, 0.224, 0.225)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def sample_image(size: int) -> torch.Tensor:
+    """A deterministic synthetic RGB image in [0, 1], (3, size, size): smooth gradients plus a few shapes."""
+    coords = torch.linspace(0, 1, size)
+    y, x = torch.meshgrid(coords, coords, indexing="ij")
+    disc = ((x - 0.35) ** 2 + (y - 0.4) ** 2 < 0.04).float()
+    square = ((x - 0.7).abs() < 0.12) & ((y - 0.65).abs() < 0.12)
+    image = torch.stack((0.6 * x + 0.4 * disc, 0.5 * y + 0.5 * square.float(), 0.3 + 0.4 * x * y))
+    return image.clamp(0, 1)
+
+
+def load_image(path: str, size: int) -> torch.Tensor:
+    """An image file as a (3, size, size) tensor in [0, 1], resized as SAM-2 resizes (no aspect ratio kept)."""
+    try:
+        from PIL import Image
+    except ImportError as error:
+        raise SystemExit("reading image files needs Pillow: pip install pillow") from error
+    import numpy as np
+
+    with Image.open(path) as image:
+        array = np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(PIXEL_MEAN, dtype=images.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(PIXEL_STD, dtype=images.dtype).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _max_relative_difference(ours: dict, reference: dict) -> List[str]:
+    lines = []
+    for key in ("vision_features",):
+        lines.append((key, ours[key], reference[key]))
+    lines += [(f"backbone_fpn[{i}]", a, b) for i, (a, b) in enumerate(zip(ours["backbone_fpn"], reference["backbone_fpn"]))]
+    lines += [(f"vision_pos_enc[{i}]", a, b) for i, (a, b) in enumerate(zip(ours["vision_pos_enc"], reference["vision_pos_enc"]))]
+    report = []
+    for name, a, b in lines:
+        error = (a.double() - b.double()).abs().max().item()
+        scale = b.double().abs().max().item()
+        report.append(f"  {name:<18} max |ours - sam2| = {error:.3g}  (output magnitude {scale:.3g})")
+    return report
+
+
+def command_info(args: argparse.Namespace) -> int:
+    from . import __version__
+
+    device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"sam2_fast {__version__}, torch {torch.__version__}, device type {device_type}")
+    print(f"backend asked for: {ops.get_backend()} (set with {ops.BACKEND_ENV_VAR} or sam2_fast.use_backend)")
+    for backend, per_op in ops.backend_status(device_type).items():
+        print(f"{backend}:")
+        for op, status in per_op.items():
+            print(f"  {op:<24} {status}")
+    return 0
+
+
+def command_encode(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype]
+    if args.backend:
+        ops.set_backend(args.backend)
+    encoder = build_image_encoder(args.config, checkpoint=args.checkpoint, device=device, dtype=dtype)
+    if args.compile:
+        encoder = torch.compile(encoder, fullgraph=True)
+    sources = args.images or [None]
+    print(f"config {args.config}, {'checkpoint ' + args.checkpoint if args.checkpoint else 'random weights'}, "
+          f"device {device}, dtype {args.dtype}, {args.size}x{args.size}")
+    print("backends: " + ", ".join(f"{op}={backend}" for op, backend in ops.active_backends(device.type).items()))
+
+    with torch.inference_mode():
+        first = normalize(sample_image(args.size)[None] if sources[0] is None else load_image(sources[0], args.size)[None])
+        warmup_start = time.perf_counter()
+        encoder(first.to(device, dtype))  # first call: caches, kernel compilation (and torch.compile if asked)
+        _synchronize(device)
+        print(f"warm-up (first call) {time.perf_counter() - warmup_start:.2f} s")
+
+        results, times = [], []
+        for source in tqdm(sources, desc="encoding", unit="img", disable=len(sources) < 2):
+            pixels = sample_image(args.size) if source is None else load_image(source, args.size)
+            batch = normalize(pixels[None]).to(device, dtype)
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                output = encoder(batch)
+                _synchronize(device)
+                times.append(time.perf_counter() - start)
+            results.append((source or "<generated sample>", batch, output))
+
+    times.sort()
+    print(f"time per image: median {1000 * times[len(times) // 2]:.1f} ms over {len(times)} runs")
+    name, _, output = results[0]
+    print(f"outputs for {name}:")
+    print(f"  vision_features     {tuple(output['vision_features'].shape)} {output['vision_features'].dtype}")
+    for i, (features, pos) in enumerate(zip(output["backbone_fpn"], output["vision_pos_enc"])):
+        print(f"  backbone_fpn[{i}]     {tuple(features.shape)} {features.dtype}; vision_pos_enc[{i}] {tuple(pos.shape)}")
+
+    if args.compare_reference:
+        from .reference import build_reference_encoder
+
+        reference = build_reference_encoder(args.config).to(device)
+        state = (encoder._orig_mod if args.compile else encoder).state_dict()
+        reference.load_state_dict({k: v.float() for k, v in state.items()})
+        with torch.inference_mode():
+            expected = reference(results[0][1].float())
+            actual = encoder(results[0][1])
+        print("difference from the reference sam2 package (same weights, fp32 reference):")
+        print("\n".join(_max_relative_difference(actual, expected)))
+
+    if args.out:
+        saved = [
+            {"source": source, "vision_features": out["vision_features"].cpu(),
+             "backbone_fpn": [t.cpu() for t in out["backbone_fpn"]]}
+            for source, _, out in results
+        ]
+        torch.save(saved, args.out)
+        print(f"saved {len(saved)} embeddings to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sam2-fast", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    info = commands.add_parser("info", help="which backends can run each op here")
+    info.add_argument("--device", choices=("cpu", "cuda"))
+    info.set_defaults(run=command_info)
+
+    encode = commands.add_parser("encode", help="encode images (or a generated sample) with a SAM-2 image encoder")
+    encode.add_argument("images", nargs="*", help="image files; none: a generated sample image")
+    encode.add_argument("--config", default=DEFAULT_CONFIG, choices=sorted(CONFIGS))
+    encode.add_argument("--checkpoint", help="SAM-2 checkpoint (.pt full model or encoder state_dict, .safetensors)")
+    encode.add_argument("--size", type=int, default=1024, help="square input size, a multiple of 32 (default 1024)")
+    encode.add_argument("--device", help="default: cuda if available, else cpu")
+    encode.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    encode.add_argument("--backend", choices=("auto",) + ops.BACKENDS)
+    encode.add_argument("--compile", action="store_true", help="torch.compile(fullgraph=True) the encoder")
+    encode.add_argument("--repeats", type=int, default=3, help="timed runs per image")
+    encode.add_argument("--compare-reference", action="store_true", help="also run the sam2 package and print the max difference")
+    encode.add_argument("--out", help="save the embeddings to this .pt file")
+    encode.set_defaults(run=command_encode)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
