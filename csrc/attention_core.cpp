@@ -20,23 +20,27 @@
 namespace sam2_fast {
 namespace {
 
+// Every helper is forced inline so that it is compiled into each target clone of attention_f32 (an out-of-line copy
+// would be baseline-ISA code with its accumulators in memory).
+#define SAM2_FAST_INLINE inline __attribute__((always_inline))
+
 typedef float vec8 __attribute__((vector_size(32)));
 typedef int32_t ivec8 __attribute__((vector_size(32)));
 constexpr int64_t kLanes = 8;
 constexpr int64_t kVectorsPerBlock = kColumnBlock / kLanes;
 
-inline vec8 load(const float* p) {
+SAM2_FAST_INLINE vec8 load(const float* p) {
   vec8 v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
-inline void store(float* p, vec8 v) { std::memcpy(p, &v, sizeof(v)); }
+SAM2_FAST_INLINE void store(float* p, vec8 v) { std::memcpy(p, &v, sizeof(v)); }
 
-inline vec8 broadcast(float value) { return vec8{} + value; }
+SAM2_FAST_INLINE vec8 broadcast(float value) { return vec8{} + value; }
 
 // exp(x) for x <= 0 (Cephes' expf polynomial, about 2 ulp); 0 below -87 where expf underflows.
-inline vec8 exp_nonpositive(vec8 x) {
+SAM2_FAST_INLINE vec8 exp_nonpositive(vec8 x) {
   const vec8 magic = broadcast(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer kept in the low bits
   const vec8 clamped = x < -87.0f ? broadcast(-87.0f) : x;
   const vec8 shifted = clamped * 1.44269504088896341f + magic;
@@ -57,7 +61,7 @@ inline vec8 exp_nonpositive(vec8 x) {
 
 // c[kQueryBlock, kColumnBlock] = a[kQueryBlock, depth] @ b[depth, kColumnBlock] with row strides lda, ldb;
 // each result row is then multiplied by row_scale[r] and stored with row stride ldc.
-inline void block_matmul(
+SAM2_FAST_INLINE void block_matmul(
     const float* a, int64_t lda, const float* b, int64_t ldb, int64_t depth, float* c, int64_t ldc,
     const float* row_scale) {
   vec8 acc[kQueryBlock][kVectorsPerBlock] = {};
@@ -79,45 +83,47 @@ inline void block_matmul(
 SAM2_FAST_MULTIVERSION
 void attention_f32(
     const AttentionShape& shape, float scale, const float* queries, const float* keys_t, const float* values,
-    float* scores, float* out) {
+    float* scores, float* inverse_sums, float* out) {
   const int64_t query_rows = shape.query_rows(), key_stride = shape.key_stride();
   const int64_t value_stride = shape.value_stride(), head_dim = shape.head_dim, num_keys = shape.num_keys;
-  const float ones[kQueryBlock] = {1.0f, 1.0f, 1.0f, 1.0f};
-  static_assert(kQueryBlock == 4, "ones[] holds one entry per query row of a block");
+  const float row_scales[kQueryBlock] = {scale, scale, scale, scale};
+  static_assert(kQueryBlock == 4, "row_scales holds one entry per query row of a block");
 
-  for (int64_t i = 0; i < query_rows; i += kQueryBlock) {
-    for (int64_t j = 0; j < key_stride; j += kColumnBlock) {
+  // Key-block outer: the keys_t panel of a block (head_dim x kColumnBlock) stays in L1 across all query rows.
+  for (int64_t j = 0; j < key_stride; j += kColumnBlock) {
+    for (int64_t i = 0; i < query_rows; i += kQueryBlock) {
       block_matmul(queries + i * head_dim, head_dim, keys_t + j, key_stride, head_dim, scores + i * key_stride + j,
-                   key_stride, ones);
+                   key_stride, row_scales);
     }
   }
 
   // Softmax per row, left unnormalized: the 1 / sum is applied to the output rows.
-  float inverse_sums[kQueryBlock];
-  for (int64_t i = 0; i < query_rows; i += kQueryBlock) {
-    for (int64_t r = 0; r < kQueryBlock; ++r) {
-      float* row = scores + (i + r) * key_stride;
-      for (int64_t j = num_keys; j < key_stride; ++j) row[j] = -INFINITY;
-      vec8 max_vec = broadcast(-INFINITY);
-      for (int64_t j = 0; j < key_stride; j += kLanes) {
-        const vec8 s = load(row + j);
-        max_vec = s > max_vec ? s : max_vec;
-      }
-      float row_max = max_vec[0];
-      for (int64_t lane = 1; lane < kLanes; ++lane) row_max = std::fmax(row_max, max_vec[lane]);
-      vec8 sum_vec = {};
-      for (int64_t j = 0; j < key_stride; j += kLanes) {
-        const vec8 p = exp_nonpositive((load(row + j) - row_max) * scale);
-        store(row + j, p);
-        sum_vec += p;
-      }
-      float sum = 0.0f;
-      for (int64_t lane = 0; lane < kLanes; ++lane) sum += sum_vec[lane];
-      inverse_sums[r] = 1.0f / sum;
+  for (int64_t i = 0; i < query_rows; ++i) {
+    float* row = scores + i * key_stride;
+    for (int64_t j = num_keys; j < key_stride; ++j) row[j] = -INFINITY;
+    vec8 max_vec = broadcast(-INFINITY);
+    for (int64_t j = 0; j < key_stride; j += kLanes) {
+      const vec8 s = load(row + j);
+      max_vec = s > max_vec ? s : max_vec;
     }
-    for (int64_t c = 0; c < value_stride; c += kColumnBlock) {
+    float row_max = max_vec[0];
+    for (int64_t lane = 1; lane < kLanes; ++lane) row_max = std::fmax(row_max, max_vec[lane]);
+    vec8 sum_vec = {};
+    for (int64_t j = 0; j < key_stride; j += kLanes) {
+      const vec8 p = exp_nonpositive(load(row + j) - row_max);
+      store(row + j, p);
+      sum_vec += p;
+    }
+    float sum = 0.0f;
+    for (int64_t lane = 0; lane < kLanes; ++lane) sum += sum_vec[lane];
+    inverse_sums[i] = 1.0f / sum;
+  }
+
+  // Value-block outer: the values panel of a block (num_keys x kColumnBlock) stays in cache across all query rows.
+  for (int64_t c = 0; c < value_stride; c += kColumnBlock) {
+    for (int64_t i = 0; i < query_rows; i += kQueryBlock) {
       block_matmul(scores + i * key_stride, key_stride, values + c, value_stride, num_keys,
-                   out + i * value_stride + c, value_stride, inverse_sums);
+                   out + i * value_stride + c, value_stride, inverse_sums + i);
     }
   }
 }

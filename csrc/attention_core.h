@@ -1,4 +1,4 @@
-// The fp32 attention core shared by the CPU window_attention and global_attention kernels.
+// The fp32 attention core of the CPU window_attention kernel: one head of one window at a time.
 #pragma once
 
 #include <cstdint>
@@ -12,12 +12,13 @@ inline int64_t round_up(int64_t value, int64_t multiple) { return (value + multi
 constexpr int64_t kQueryBlock = 4;
 constexpr int64_t kColumnBlock = 16;
 
-// The sizes of one attention problem (one head of one window, or a block of query rows of one head) and of its
+// The sizes of one attention problem (one head of one window) and of its
 // padded fp32 buffers, all row-major:
 //   queries  (query_rows, head_dim)        rows past num_queries: zero
 //   keys_t   (head_dim, key_stride)        k transposed; columns past num_keys: zero
 //   values   (num_keys, value_stride)      columns past head_dim: zero
 //   scores   (query_rows, key_stride)      scratch
+//   inverse_sums (query_rows,)             scratch
 //   out      (query_rows, value_stride)    softmax(q k^T * scale) v, rows < num_queries and columns < head_dim valid
 struct AttentionShape {
   int64_t num_queries, num_keys, head_dim;
@@ -30,6 +31,6 @@ struct AttentionShape {
 // baseline ISA, picked at load time.
 void attention_f32(
     const AttentionShape& shape, float scale, const float* queries, const float* keys_t, const float* values,
-    float* scores, float* out);
+    float* scores, float* inverse_sums, float* out);
 
 }  // namespace sam2_fast

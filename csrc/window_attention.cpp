@@ -19,10 +19,76 @@
 #include <optional>
 #include <vector>
 
-#include "attention_gather.h"
+#include "attention_core.h"
+#include "cpu_utils.h"
 
 namespace sam2_fast {
 namespace {
+
+// Where each token's 3 * dim channels are: qkv[b, y, x, :] inside the map, `fill` (the qkv bias, or zeros) for the
+// padding tokens a window reaches beyond it.
+template <typename scalar_t>
+struct TokenReader {
+  const scalar_t* data;
+  const scalar_t* fill;
+  int64_t stride_b, stride_h, stride_w, height, width;
+
+  const scalar_t* token(int64_t b, int64_t y, int64_t x) const {
+    return (y < height && x < width) ? data + b * stride_b + y * stride_h + x * stride_w : fill;
+  }
+
+  // Asks the CPU to start loading the `channels` values of the tokens of a window_size x window_size window, so
+  // that reading them later does not stall on memory (the hardware prefetchers do not follow window rows).
+  void prefetch_window(int64_t b, int64_t y0, int64_t x0, int64_t window_size, int64_t channels) const {
+    constexpr int64_t kCacheLine = 64;
+    const int64_t bytes = channels * static_cast<int64_t>(sizeof(scalar_t));
+    for (int64_t y = y0; y < std::min(height, y0 + window_size); ++y) {
+      for (int64_t x = x0; x < std::min(width, x0 + window_size); ++x) {
+        const char* start = reinterpret_cast<const char*>(token(b, y, x));
+        for (int64_t offset = 0; offset < bytes; offset += kCacheLine) __builtin_prefetch(start + offset);
+      }
+    }
+  }
+};
+
+// q row: channels [offset, offset + head_dim) of a token, or with `pooled` the NaN-propagating max over the 2x2
+// tokens (y, x), (y, x + 1), (y + 1, x), (y + 1, x + 1), as MaxPool2d(2, 2) computes it.
+template <typename scalar_t>
+inline void read_query(
+    const TokenReader<scalar_t>& reader, int64_t b, int64_t y, int64_t x, bool pooled, int64_t offset,
+    int64_t head_dim, float* dst) {
+  const scalar_t* t00 = reader.token(b, y, x) + offset;
+  if (!pooled) {
+    for (int64_t d = 0; d < head_dim; ++d) dst[d] = static_cast<float>(t00[d]);
+    return;
+  }
+  const scalar_t* t01 = reader.token(b, y, x + 1) + offset;
+  const scalar_t* t10 = reader.token(b, y + 1, x) + offset;
+  const scalar_t* t11 = reader.token(b, y + 1, x + 1) + offset;
+  for (int64_t d = 0; d < head_dim; ++d) {
+    dst[d] = static_cast<float>(nan_max(nan_max(t00[d], t01[d]), nan_max(t10[d], t11[d])));
+  }
+}
+
+// Key j and value j of a head from one token: keys_t[:, j] (transposed) and values[j, :].
+template <typename scalar_t>
+inline void read_key_value(
+    const scalar_t* token, int64_t key_offset, int64_t value_offset, int64_t head_dim, int64_t j,
+    const AttentionShape& shape, float* keys_t, float* values) {
+  const int64_t key_stride = shape.key_stride();
+  for (int64_t d = 0; d < head_dim; ++d) keys_t[d * key_stride + j] = static_cast<float>(token[key_offset + d]);
+  float* value_row = values + j * shape.value_stride();
+  for (int64_t d = 0; d < head_dim; ++d) value_row[d] = static_cast<float>(token[value_offset + d]);
+}
+
+// Checks a (B, H, W, 3 * dim) qkv map and returns it with contiguous channels.
+inline at::Tensor checked_qkv(const at::Tensor& qkv, int64_t num_heads, const char* op_name) {
+  TORCH_CHECK(qkv.dim() == 4, op_name, ": expected qkv of shape (B, H, W, 3 * dim), got ", qkv.sizes());
+  TORCH_CHECK(num_heads > 0 && qkv.size(3) % (3 * num_heads) == 0, op_name, ": qkv's last dim ", qkv.size(3),
+              " is not a multiple of 3 * num_heads = ", 3 * num_heads);
+  return qkv.stride(3) == 1 ? qkv : qkv.contiguous();
+}
+
 
 at::Tensor window_attention_cpu(
     const at::Tensor& qkv_in, const std::optional<at::Tensor>& qkv_bias, int64_t num_heads, int64_t window_size,
@@ -62,13 +128,18 @@ at::Tensor window_attention_cpu(
       std::vector<float> queries(shape.query_rows() * head_dim);
       std::vector<float> keys_t(head_dim * shape.key_stride());
       std::vector<float> values(shape.num_keys * shape.value_stride());
-      std::vector<float> scores(shape.query_rows() * shape.key_stride());
+      std::vector<float> scores(shape.query_rows() * shape.key_stride()), inverse_sums(shape.query_rows());
       std::vector<float> result(shape.query_rows() * shape.value_stride());
       for (int64_t task = begin; task < end; ++task) {
         const int64_t head = task % num_heads, window = task / num_heads;
         const int64_t col = window % cols, row = (window / cols) % rows, b = window / (cols * rows);
         const int64_t y0 = row * window_size, x0 = col * window_size;
         const int64_t q_offset = head * head_dim, k_offset = dim + q_offset, v_offset = 2 * dim + q_offset;
+        if (head == 0 && window + 1 < batch * rows * cols) {
+          const int64_t next_col = (window + 1) % cols, next_row = ((window + 1) / cols) % rows;
+          reader.prefetch_window((window + 1) / (cols * rows), next_row * window_size, next_col * window_size,
+                                 window_size, 3 * dim);
+        }
         for (int64_t wy = 0; wy < window_size; ++wy) {
           for (int64_t wx = 0; wx < window_size; ++wx) {
             read_key_value(reader.token(b, y0 + wy, x0 + wx), k_offset, v_offset, head_dim, wy * window_size + wx,
@@ -82,7 +153,8 @@ at::Tensor window_attention_cpu(
                        queries.data() + (qy * out_window + qx) * head_dim);
           }
         }
-        attention_f32(shape, scale, queries.data(), keys_t.data(), values.data(), scores.data(), result.data());
+        attention_f32(shape, scale, queries.data(), keys_t.data(), values.data(), scores.data(), inverse_sums.data(),
+                      result.data());
         // Unpartition and crop: query (qy, qx) of this window lands at (row * out_window + qy, col * out_window + qx).
         for (int64_t qy = 0; qy < out_window; ++qy) {
           const int64_t oy = row * out_window + qy;
