@@ -4,6 +4,7 @@
 // and compiled twice through target_clones (x86-64-v3, i.e. AVX2 + FMA, and the baseline) on x86-64 Linux.
 
 #include "attention_core.h"
+#include "cpu_utils.h"
 
 #include <cmath>
 #include <cstring>
@@ -11,11 +12,6 @@
 // The 8-float vector type only lives inside this file, so the ABI note on passing it by value does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#define SAM2_FAST_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define SAM2_FAST_MULTIVERSION
-#endif
 
 namespace sam2_fast {
 namespace {

@@ -66,7 +66,7 @@ inline void read_query(
   const scalar_t* t10 = reader.token(b, y + 1, x) + offset;
   const scalar_t* t11 = reader.token(b, y + 1, x + 1) + offset;
   for (int64_t d = 0; d < head_dim; ++d) {
-    dst[d] = static_cast<float>(nan_max(nan_max(t00[d], t01[d]), nan_max(t10[d], t11[d])));
+    dst[d] = static_cast<float>(pool_max4(t00[d], t01[d], t10[d], t11[d]));
   }
 }
 

@@ -102,11 +102,15 @@ def test_maxpool2x2_low_precision_is_exact(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_maxpool2x2_propagates_nan(device):
-    x = torch.randn(1, 4, 6, 5, device=device)
-    x[0, 1, 2, 3] = float("nan")
-    x[0, 2, 5, 0] = float("nan")
-    assert_close_verbose(EXT.maxpool2x2(x), torch_ops.maxpool2x2(x).contiguous(), name="maxpool2x2")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_maxpool2x2_nan_inf_and_signed_zeros_bitwise(device, dtype):
+    # Values drawn from {-inf, -1, -0, +0, 1, inf, nan}: every tie, sign of zero and NaN position in a 2x2 window.
+    specials = torch.tensor([float("-inf"), -1.0, -0.0, 0.0, 1.0, float("inf"), float("nan")], dtype=dtype)
+    x = specials[torch.randint(len(specials), (2, 10, 12, 37))].to(device)
+    ours, expected = EXT.maxpool2x2(x), torch_ops.maxpool2x2(x).contiguous()
+    bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[dtype]
+    same = (ours.view(bits) == expected.view(bits)) | (ours.isnan() & expected.isnan())
+    assert bool(same.all()), f"{int((~same).sum())} elements differ bitwise, first at {(~same).nonzero()[:4].tolist()}"
 
 
 # ---------------------------------------------------------------------------------------------------------------

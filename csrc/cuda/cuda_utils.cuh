@@ -16,12 +16,12 @@ inline unsigned int blocks_for(int64_t count) {
   return static_cast<unsigned int>(std::min<int64_t>((count + kThreadsPerBlock - 1) / kThreadsPerBlock, 65535 * 8));
 }
 
-// max that propagates NaN from either side, as torch's max-pool does.
+// One step of torch's max-pool scan: take `candidate` if it is larger or NaN, else keep `current` (so ties keep the
+// earlier value and a NaN anywhere propagates).
 template <typename T>
-__device__ __forceinline__ T nan_max(T a, T b) {
-  const float fa = static_cast<float>(a);
-  const float fb = static_cast<float>(b);
-  return (fa != fa || fa > fb) ? a : b;
+__device__ __forceinline__ T pool_max(T current, T candidate) {
+  const float value = static_cast<float>(candidate);
+  return (value > static_cast<float>(current) || value != value) ? candidate : current;
 }
 
 }  // namespace sam2_fast

@@ -27,7 +27,7 @@ __global__ void maxpool2x2_kernel(
     const int64_t b = index / (channels * out_w * out_h);
     const scalar_t* top = src + b * stride_b + 2 * oy * stride_h + 2 * ox * stride_w + c;
     const scalar_t* bottom = top + stride_h;
-    dst[index] = nan_max(nan_max(top[0], top[stride_w]), nan_max(bottom[0], bottom[stride_w]));
+    dst[index] = pool_max(pool_max(pool_max(top[0], top[stride_w]), bottom[0]), bottom[stride_w]);
   }
 }
 
