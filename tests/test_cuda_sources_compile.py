@@ -81,7 +81,7 @@ def test_cuda_source_compiles(source: Path, torch_cuda_include: Path, tmp_path: 
     command = [
         "nvcc", "-c", str(source), "-o", str(tmp_path / (source.stem + ".o")), "-std=c++20", "-O3",
         "-Xcompiler", "-fPIC", "-DSAM2_FAST_WITH_CUDA=1", "-DTORCH_EXTENSION_NAME=_C",
-        *COMMON_NVCC_FLAGS, *gencode,
+        *COMMON_NVCC_FLAGS, *gencode, "--threads", str(len(ARCHS)),
         f"-I{torch_cuda_include}", f"-I{torch_cuda_include / 'torch' / 'csrc' / 'api' / 'include'}",
         f"-I{sysconfig.get_paths()['include']}",
     ]
