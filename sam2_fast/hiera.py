@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
+from .layers import Conv2d, Linear
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class MLP(nn.Module):
         super().__init__()
         self.num_layers = num_layers
         hidden = [hidden_dim] * (num_layers - 1)
-        self.layers = nn.ModuleList(nn.Linear(n, k) for n, k in zip([input_dim] + hidden, hidden + [output_dim]))
+        self.layers = nn.ModuleList(Linear(n, k) for n, k in zip([input_dim] + hidden, hidden + [output_dim]))
         self.sigmoid_output = sigmoid_output
         self.act = activation()
 
@@ -76,7 +77,7 @@ class PatchEmbed(nn.Module):
         embed_dim: int = 768,
     ):
         super().__init__()
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=kernel_size, stride=stride, padding=padding)
+        self.proj = Conv2d(in_chans, embed_dim, kernel_size=kernel_size, stride=stride, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).permute(0, 2, 3, 1)
@@ -96,8 +97,8 @@ class MultiScaleAttention(nn.Module):
         self.dim_out = dim_out
         self.num_heads = num_heads
         self.q_pool = q_pool
-        self.qkv = nn.Linear(dim, dim_out * 3)
-        self.proj = nn.Linear(dim_out, dim_out)
+        self.qkv = Linear(dim, dim_out * 3)
+        self.proj = Linear(dim_out, dim_out)
 
     def forward(self, x: torch.Tensor, window_size: int = 0) -> torch.Tensor:
         qkv = self.qkv(x)
@@ -145,7 +146,7 @@ class MultiScaleBlock(nn.Module):
         self.norm2 = norm_layer(dim_out)
         self.mlp = MLP(dim_out, int(dim_out * mlp_ratio), dim_out, num_layers=2, activation=act_layer)
         if dim != dim_out:
-            self.proj = nn.Linear(dim, dim_out)
+            self.proj = Linear(dim, dim_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x

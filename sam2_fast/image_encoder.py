@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
+from .layers import Conv2d
 from .position_encoding import PositionEmbeddingSine
 
 
@@ -39,7 +40,7 @@ class FpnNeck(nn.Module):
         for dim in backbone_channel_list:
             lateral = nn.Sequential()
             lateral.add_module(
-                "conv", nn.Conv2d(dim, d_model, kernel_size=kernel_size, stride=stride, padding=padding)
+                "conv", Conv2d(dim, d_model, kernel_size=kernel_size, stride=stride, padding=padding)
             )
             self.convs.append(lateral)
         self.fpn_interp_model = fpn_interp_model

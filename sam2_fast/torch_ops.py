@@ -45,6 +45,11 @@ def window_attention(
     q is max-pooled 2x2 inside each window and the output lands at (H // 2, W // 2), the shape of the pooled
     shortcut the reference crops to.
     """
+    if q_pool and window_size % 2:
+        raise ValueError(
+            f"q_pool pools 2x2 inside each window and needs an even window_size, got {window_size} "
+            "(the reference cannot unpartition such a block either)"
+        )
     batch, height, width, channels3 = qkv.shape
     dim = channels3 // 3
     pad_h = (window_size - height % window_size) % window_size

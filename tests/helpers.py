@@ -37,13 +37,21 @@ def seeded_state(name: str, seed: int = 0):
     return randomize_(build_reference_encoder(name), seed).state_dict()
 
 
+@functools.lru_cache(maxsize=2)
+def _built_pair(name: str):
+    return build_reference_encoder(name), sam2_fast.build_image_encoder(name)
+
+
 def encoder_pair(name: str, seed: int = 0):
-    """(reference sam2 encoder, our encoder), fresh, with the same seeded weights, fp32 on CPU in eval mode."""
+    """(reference sam2 encoder, our encoder) with the same seeded weights, fp32 on CPU in eval mode.
+
+    The modules are built once per config and reloaded on each call (building large costs seconds on 2 cores):
+    callers that change them (dtype casts) must work on copies.
+    """
     state = seeded_state(name, seed)
-    reference = build_reference_encoder(name)
-    reference.load_state_dict(state)
-    ours = sam2_fast.build_image_encoder(name)
-    ours.load_state_dict(state)
+    reference, ours = _built_pair(name)
+    for module in (reference, ours):
+        module.float().eval().load_state_dict(state)
     return reference, ours
 
 

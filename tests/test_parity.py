@@ -1,5 +1,7 @@
 """Whole-encoder parity with the reference `sam2` package: every output, shape and dtype, every config."""
 
+import copy
+
 import pytest
 import torch
 
@@ -76,7 +78,8 @@ def _low_precision_check(reference, ours, x, run_reference, run_ours):
 
 @pytest.mark.parametrize(
     "name,size",
-    [("sam2.1_hiera_tiny", (224, 352)), ("sam2.1_hiera_base_plus", (96, 160)), ("sam2_hiera_large", (96, 160))],
+    # bf16 matmuls are slow on CPUs without bf16 units, where the reference's own bf16 run costs a minute for large.
+    [("sam2.1_hiera_tiny", (224, 352)), ("sam2_hiera_base_plus", (96, 160))],
 )
 def test_bf16_autocast_matches_reference_dtypes_and_error(name, size):
     reference, ours = encoder_pair(name)
@@ -91,10 +94,8 @@ def test_bf16_autocast_matches_reference_dtypes_and_error(name, size):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_encoder_cast_to_low_precision(dtype):
     reference, ours = encoder_pair("sam2.1_hiera_small")
-    x = torch.randn(1, 3, 224, 352, generator=torch.Generator().manual_seed(5))
-    reference_low, ours_low = encoder_pair("sam2.1_hiera_small")
-    reference_low.to(dtype)
-    ours_low.to(dtype)
+    x = torch.randn(1, 3, 96, 160, generator=torch.Generator().manual_seed(5))
+    reference_low, ours_low = copy.deepcopy(reference).to(dtype), copy.deepcopy(ours).to(dtype)
     _low_precision_check(
         reference, ours, x,
         lambda: _run(reference_low, x.to(dtype)),
