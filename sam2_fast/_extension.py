@@ -14,6 +14,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import op_shapes
+
 DISABLE_ENV_VAR = "SAM2_FAST_DISABLE_EXT"
 
 
@@ -35,49 +37,23 @@ def _load() -> Tuple[Optional[str], Tuple[str, ...]]:
     return None, devices
 
 
-def _attention_out_shape(qkv: torch.Tensor, num_heads: int, q_pool: bool) -> Tuple[int, int, int, int]:
-    torch._check(qkv.dim() == 4, lambda: f"expected qkv of shape (B, H, W, 3 * dim), got {tuple(qkv.shape)}")
-    torch._check(
-        qkv.shape[3] % (3 * num_heads) == 0,
-        lambda: f"qkv's last dim {qkv.shape[3]} is not a multiple of 3 * num_heads = {3 * num_heads}",
-    )
-    batch, height, width, channels3 = qkv.shape
-    if q_pool:
-        height, width = height // 2, width // 2
-    return batch, height, width, channels3 // 3
-
-
 def _register_fakes() -> None:
-    """Fake (meta) implementations of the sam2_fast_ext ops: output shape, dtype and (contiguous) layout."""
-
-    @torch.library.register_fake("sam2_fast_ext::window_attention")
-    def _(qkv, qkv_bias, num_heads, window_size, q_pool):
-        torch._check(window_size > 0, lambda: f"expected a positive window_size, got {window_size}")
-        torch._check(not q_pool or window_size % 2 == 0, lambda: f"q_pool needs an even window_size, got {window_size}")
-        return qkv.new_empty(_attention_out_shape(qkv, num_heads, q_pool))
-
-    @torch.library.register_fake("sam2_fast_ext::global_attention")
-    def _(qkv, num_heads, q_pool):
-        return qkv.new_empty(_attention_out_shape(qkv, num_heads, q_pool))
-
-    @torch.library.register_fake("sam2_fast_ext::maxpool2x2")
-    def _(x):
-        torch._check(x.dim() == 4, lambda: f"expected a (B, H, W, C) map, got shape {tuple(x.shape)}")
-        return x.new_empty(x.shape[0], x.shape[1] // 2, x.shape[2] // 2, x.shape[3])
-
-    @torch.library.register_fake("sam2_fast_ext::fpn_upsample_add")
-    def _(lateral, prev):
-        torch._check(
-            lateral.dim() == 4 and prev.dim() == 4 and lateral.shape[:2] == prev.shape[:2]
-            and lateral.shape[2] == 2 * prev.shape[2] and lateral.shape[3] == 2 * prev.shape[3],
-            lambda: f"expected lateral (B, C, 2h, 2w) and prev (B, C, h, w), got {tuple(lateral.shape)} and "
-            f"{tuple(prev.shape)}",
+    """Fake (meta) implementations of the sam2_fast_ext ops, the same as the sam2_fast custom ops'."""
+    torch.library.register_fake("sam2_fast_ext::window_attention")(
+        lambda qkv, qkv_bias, num_heads, window_size, q_pool: op_shapes.window_attention_output(
+            qkv, num_heads, window_size, q_pool
         )
-        return lateral.new_empty(lateral.shape, dtype=torch.promote_types(lateral.dtype, torch.float32))
-
-    @torch.library.register_fake("sam2_fast_ext::sine_position_encoding")
-    def _(height, width, num_pos_feats, temperature, normalize, scale, device):
-        return torch.empty(1, 2 * num_pos_feats, height, width, dtype=torch.float32, device=device)
+    )
+    torch.library.register_fake("sam2_fast_ext::global_attention")(
+        lambda qkv, num_heads, q_pool: op_shapes.attention_output(qkv, num_heads, q_pool)
+    )
+    torch.library.register_fake("sam2_fast_ext::maxpool2x2")(op_shapes.maxpool2x2_output)
+    torch.library.register_fake("sam2_fast_ext::fpn_upsample_add")(op_shapes.fpn_upsample_add_output)
+    torch.library.register_fake("sam2_fast_ext::sine_position_encoding")(
+        lambda height, width, num_pos_feats, temperature, normalize, scale, device: (
+            op_shapes.sine_position_encoding_output(height, width, num_pos_feats, device)
+        )
+    )
 
 
 _LOAD_ERROR, _DEVICE_TYPES = _load()

@@ -28,7 +28,7 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import torch_ops
+from . import op_shapes, torch_ops
 
 BACKENDS = ("torch", "triton", "extension")
 BACKEND_ENV_VAR = "SAM2_FAST_BACKEND"
@@ -181,18 +181,6 @@ def _fast_impl(op: str, backend: str) -> Callable:
     raise ValueError(f"unknown sam2_fast backend {backend!r}")
 
 
-def _attention_out_hw(height: int, width: int, q_pool: bool) -> Tuple[int, int]:
-    return (height // 2, width // 2) if q_pool else (height, width)
-
-
-def _check_qkv(qkv: torch.Tensor, num_heads: int) -> None:
-    torch._check(qkv.dim() == 4, lambda: f"expected qkv of shape (B, H, W, 3 * dim), got {tuple(qkv.shape)}")
-    torch._check(
-        qkv.shape[3] % (3 * num_heads) == 0,
-        lambda: f"qkv's last dim {qkv.shape[3]} is not a multiple of 3 * num_heads = {3 * num_heads}",
-    )
-
-
 @torch.library.custom_op("sam2_fast::window_attention", mutates_args=())
 def _window_attention_op(
     qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], num_heads: int, window_size: int, q_pool: bool, backend: str
@@ -202,11 +190,7 @@ def _window_attention_op(
 
 @_window_attention_op.register_fake
 def _(qkv, qkv_bias, num_heads, window_size, q_pool, backend):
-    _check_qkv(qkv, num_heads)
-    torch._check(window_size > 0, lambda: f"window_size must be positive, got {window_size}")
-    torch._check(not q_pool or window_size % 2 == 0, lambda: f"q_pool needs an even window_size, got {window_size}")
-    out_h, out_w = _attention_out_hw(qkv.shape[1], qkv.shape[2], q_pool)
-    return qkv.new_empty(qkv.shape[0], out_h, out_w, qkv.shape[3] // 3)
+    return op_shapes.window_attention_output(qkv, num_heads, window_size, q_pool)
 
 
 @torch.library.custom_op("sam2_fast::global_attention", mutates_args=())
@@ -216,9 +200,7 @@ def _global_attention_op(qkv: torch.Tensor, num_heads: int, q_pool: bool, backen
 
 @_global_attention_op.register_fake
 def _(qkv, num_heads, q_pool, backend):
-    _check_qkv(qkv, num_heads)
-    out_h, out_w = _attention_out_hw(qkv.shape[1], qkv.shape[2], q_pool)
-    return qkv.new_empty(qkv.shape[0], out_h, out_w, qkv.shape[3] // 3)
+    return op_shapes.attention_output(qkv, num_heads, q_pool)
 
 
 @torch.library.custom_op("sam2_fast::maxpool2x2", mutates_args=())
@@ -228,8 +210,7 @@ def _maxpool2x2_op(x: torch.Tensor, backend: str) -> torch.Tensor:
 
 @_maxpool2x2_op.register_fake
 def _(x, backend):
-    torch._check(x.dim() == 4, lambda: f"expected a (B, H, W, C) map, got shape {tuple(x.shape)}")
-    return x.new_empty(x.shape[0], x.shape[1] // 2, x.shape[2] // 2, x.shape[3])
+    return op_shapes.maxpool2x2_output(x)
 
 
 @torch.library.custom_op("sam2_fast::fpn_upsample_add", mutates_args=())
@@ -239,12 +220,7 @@ def _fpn_upsample_add_op(lateral: torch.Tensor, prev: torch.Tensor, backend: str
 
 @_fpn_upsample_add_op.register_fake
 def _(lateral, prev, backend):
-    torch._check(
-        lateral.dim() == 4 and prev.dim() == 4 and lateral.shape[:2] == prev.shape[:2]
-        and lateral.shape[2] == 2 * prev.shape[2] and lateral.shape[3] == 2 * prev.shape[3],
-        lambda: f"expected lateral (B, C, 2h, 2w) and prev (B, C, h, w), got {tuple(lateral.shape)} and {tuple(prev.shape)}",
-    )
-    return lateral.new_empty(lateral.shape, dtype=torch.promote_types(lateral.dtype, torch.float32))
+    return op_shapes.fpn_upsample_add_output(lateral, prev)
 
 
 @torch.library.custom_op("sam2_fast::sine_position_encoding", mutates_args=())
@@ -259,7 +235,7 @@ def _sine_position_encoding_op(
 
 @_sine_position_encoding_op.register_fake
 def _(height, width, num_pos_feats, temperature, normalize, scale, device, backend):
-    return torch.empty(1, 2 * num_pos_feats, height, width, dtype=torch.float32, device=device)
+    return op_shapes.sine_position_encoding_output(height, width, num_pos_feats, device)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,44 @@
+"""Output shapes and argument checks of the ops, shared by every fake (meta) implementation: the sam2_fast custom
+ops' (ops.py) and the C++ extension's (_extension.py). ``torch._check`` keeps them usable with symbolic shapes."""
+
+from __future__ import annotations
+
+import torch
+
+
+def attention_output(qkv: torch.Tensor, num_heads: int, q_pool: bool) -> torch.Tensor:
+    """An empty (B, H', W', dim) result for a (B, H, W, 3 * dim) qkv map; H', W' halved (floor) by q_pool."""
+    torch._check(qkv.dim() == 4, lambda: f"expected qkv of shape (B, H, W, 3 * dim), got {tuple(qkv.shape)}")
+    torch._check(
+        qkv.shape[3] % (3 * num_heads) == 0,
+        lambda: f"qkv's last dim {qkv.shape[3]} is not a multiple of 3 * num_heads = {3 * num_heads}",
+    )
+    batch, height, width, channels3 = qkv.shape
+    if q_pool:
+        height, width = height // 2, width // 2
+    return qkv.new_empty(batch, height, width, channels3 // 3)
+
+
+def window_attention_output(qkv: torch.Tensor, num_heads: int, window_size: int, q_pool: bool) -> torch.Tensor:
+    torch._check(window_size > 0, lambda: f"window_size must be positive, got {window_size}")
+    torch._check(not q_pool or window_size % 2 == 0, lambda: f"q_pool needs an even window_size, got {window_size}")
+    return attention_output(qkv, num_heads, q_pool)
+
+
+def maxpool2x2_output(x: torch.Tensor) -> torch.Tensor:
+    torch._check(x.dim() == 4, lambda: f"expected a (B, H, W, C) map, got shape {tuple(x.shape)}")
+    return x.new_empty(x.shape[0], x.shape[1] // 2, x.shape[2] // 2, x.shape[3])
+
+
+def fpn_upsample_add_output(lateral: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    torch._check(
+        lateral.dim() == 4 and prev.dim() == 4 and lateral.shape[:2] == prev.shape[:2]
+        and lateral.shape[2] == 2 * prev.shape[2] and lateral.shape[3] == 2 * prev.shape[3],
+        lambda: f"expected lateral (B, C, 2h, 2w) and prev (B, C, h, w), got {tuple(lateral.shape)} and "
+        f"{tuple(prev.shape)}",
+    )
+    return lateral.new_empty(lateral.shape, dtype=torch.promote_types(lateral.dtype, torch.float32))
+
+
+def sine_position_encoding_output(height: int, width: int, num_pos_feats: int, device: torch.device) -> torch.Tensor:
+    return torch.empty(1, 2 * num_pos_feats, height, width, dtype=torch.float32, device=device)
