@@ -110,6 +110,15 @@ _TRITON_REASON, _TRITON_LAUNCHERS = _probe_triton()
 _EXTENSION_REASON, _EXTENSION_OPS, _EXTENSION_DEVICES = _probe_extension()
 
 
+def _implements(backend: str, op: str) -> bool:
+    """False only where a backend that loaded has no kernel for ``op``."""
+    if backend == "triton" and _TRITON_REASON is None:
+        return op in _TRITON_LAUNCHERS
+    if backend == "extension" and _EXTENSION_REASON is None:
+        return op in _EXTENSION_OPS
+    return True
+
+
 def _unavailable_reason(op: str, backend: str, device_type: str) -> Optional[str]:
     """Why ``backend`` cannot run ``op`` on ``device_type``, or None if it can."""
     if backend == "torch":
@@ -153,6 +162,10 @@ def resolve_backend(op: str, device_type: str) -> str:
     """The backend that runs ``op`` on ``device_type`` under the current setting."""
     requested = _requested_backend
     if requested != "auto":
+        if not _implements(requested, op):
+            # An op this backend has no kernel for (e.g. the sine encoding, computed once per size and cached)
+            # runs on torch, so that one backend can still run the whole encoder.
+            return "torch"
         reason = _unavailable_reason(op, requested, device_type)
         if reason is not None:
             raise BackendUnavailableError(f"sam2_fast backend {requested!r} cannot run {op}: {reason}")

@@ -21,18 +21,12 @@ import torch.nn.functional as F
 def _split_heads_pool_q(qkv: torch.Tensor, num_heads: int, q_pool: bool):
     """(N, h, w, 3 * dim) -> q, k, v as (N, heads, tokens, head_dim); q max-pooled 2x2 (floor) if asked."""
     num_maps, h, w, channels3 = qkv.shape
-    head_dim = channels3 // (3 * num_heads)
-    qkv = qkv.reshape(num_maps, h, w, 3, num_heads, head_dim)
-    q, k, v = qkv.unbind(3)
+    dim = channels3 // 3
+    head_dim = dim // num_heads
+    q, k, v = qkv[..., :dim], qkv[..., dim : 2 * dim], qkv[..., 2 * dim :]
     if q_pool:
-        # MaxPool2d(2, 2, ceil_mode=False): drop an odd last row/column, then max over each 2x2 group.
-        h_out, w_out = h // 2, w // 2
-        q = q[:, : 2 * h_out, : 2 * w_out].reshape(num_maps, h_out, 2, w_out, 2, num_heads, head_dim)
-        q = q.amax(dim=(2, 4))
-    q = q.flatten(1, 2).transpose(1, 2)
-    k = k.flatten(1, 2).transpose(1, 2)
-    v = v.flatten(1, 2).transpose(1, 2)
-    return q, k, v
+        q = maxpool2x2(q)
+    return tuple(t.reshape(num_maps, -1, num_heads, head_dim).transpose(1, 2) for t in (q, k, v))
 
 
 def window_attention(

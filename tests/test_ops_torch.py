@@ -201,3 +201,16 @@ def test_low_precision_dense_layers_match_native(mode):
         assert actual.dtype == native.dtype == torch.bfloat16
         # both accumulate in fp32 and round once: at most one bf16 ulp (2^-7 relative) apart
         torch.testing.assert_close(actual.float(), native.float(), atol=1e-2, rtol=2**-7)
+
+
+def test_explicit_backend_runs_ops_it_has_no_kernel_for_on_torch(monkeypatch):
+    # The Triton backend has no sine-encoding kernel (it is computed once per size and cached): asking for
+    # "triton" must still run a whole encoder, with that op on torch.
+    monkeypatch.setattr(ops, "_TRITON_REASON", None)
+    monkeypatch.setattr(ops, "_TRITON_LAUNCHERS", {"maxpool2x2": None})
+    monkeypatch.setattr(ops, "_triton_runs_on", lambda device_type: device_type == "cuda")
+    with sam2_fast.use_backend("triton"):
+        assert ops.resolve_backend("sine_position_encoding", "cuda") == "torch"
+        assert ops.resolve_backend("maxpool2x2", "cuda") == "triton"
+        with pytest.raises(sam2_fast.BackendUnavailableError, match="got a cpu tensor"):
+            ops.resolve_backend("maxpool2x2", "cpu")
