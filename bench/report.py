@@ -364,8 +364,9 @@ def render_markdown(results: dict) -> str:
         "- dtypes: `fp32`; `bf16-autocast` is fp32 weights under `torch.autocast(bfloat16)`; `bf16` casts weights "
         "and input to bfloat16."
         + ("" if meta["device_type"] == "cuda" or meta["cpu_native_bf16"] else
-           f" This CPU ({meta['cpu_capability']}) has no native bf16 kernels in oneDNN, so bf16 matmuls take slow "
-           "fallback paths and the default CPU run measures fp32 only (`--dtypes fp32,bf16-autocast` adds it)."),
+           f" This CPU ({meta['cpu_capability']}) has no native bf16 kernels in oneDNN: the reference's bf16 "
+           "matmuls take slow fallback paths, while sam2_fast computes bf16 matmuls and convolutions in fp32 on "
+           "bf16-rounded operands and rounds the results (same numbers up to summation order)."),
         "- rel. error: max |output - reference fp32| / max |reference fp32|, worst over the `backbone_fpn` levels "
         "(`vision_features` is the last); for ops, against sam2_fast's plain-PyTorch op in fp32.",
         f"- peak mem: {meta['memory_method'] or 'not measured'}.",

@@ -58,7 +58,7 @@ def test_cli_defaults_and_overrides():
     assert args.ops == report.BENCH_OPS and args.repeats is None and not args.no_memory
     cpu_default = report.matrix_from_args(args, "cpu")
     assert cpu_default.configs == ("tiny",) and cpu_default.sizes == (512,) and cpu_default.batches == (1,)
-    assert cpu_default.dtypes == (("fp32", "bf16-autocast") if bench_matrix.cpu_has_native_bf16() else ("fp32",))
+    assert cpu_default.dtypes == ("fp32", "bf16-autocast")
     assert all(not bench_matrix.Impl(name).compiled for name in cpu_default.impls)
 
     args = report.parse_args(["--configs", "tiny,large", "--sizes", "256, 1024", "--batches", "1,8", "--dtypes",
