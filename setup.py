@@ -44,17 +44,21 @@ def extension_build():
     cuda_sources = _sources("csrc/cuda/*.cu")
     use_cuda = bool(cuda_sources) and torch.version.cuda is not None and CUDA_HOME is not None
     # -g0: no debug info (Python's own CFLAGS add -g), which shortens the compile of the torch-heavy sources.
-    cxx_flags = ["-O3", "-g0", "-std=c++20"]
+    # at::parallel_for is an inline OpenMP region in ATen's headers (torch's CPU builds use OpenMP): without
+    # -fopenmp the pragma is dropped and every op runs on one thread.
+    openmp = ["-fopenmp"] if torch.__config__.parallel_info().find("OpenMP") != -1 and sys.platform != "darwin" else []
+    cxx_flags = ["-O3", "-g0", "-std=c++20"] + openmp
     define_macros = [("SAM2_FAST_WITH_CUDA", "1")] if use_cuda else []
     if use_cuda:
         extension = CUDAExtension(
             "sam2_fast._C",
             cpp_sources + cuda_sources,
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20"]},
+            extra_link_args=openmp,
             define_macros=define_macros,
         )
     else:
-        extension = CppExtension("sam2_fast._C", cpp_sources, extra_compile_args=cxx_flags)
+        extension = CppExtension("sam2_fast._C", cpp_sources, extra_compile_args=cxx_flags, extra_link_args=openmp)
 
     class OptionalBuildExtension(BuildExtension.with_options(use_ninja=True)):
         """Builds with ninja; a failure warns and leaves the package usable unless SAM2_FAST_EXT_REQUIRED=1."""
