@@ -82,3 +82,21 @@ def assert_close_verbose(actual: torch.Tensor, expected: torch.Tensor, atol: flo
             f"(max abs error {max_abs_error(actual, expected):.3g}); first bad indices {indices}; "
             f"NaN mismatches {nan_mismatch}, Inf mismatches {inf_mismatch}"
         )
+
+
+def triton_test_device():
+    """(device, on_gpu) for a Triton kernel test module, or a module-level skip.
+
+    Kernels run natively on CUDA, or on CPU under the Triton interpreter (TRITON_INTERPRET=1, set before triton
+    is imported, hence the own pytest process); model-sized shapes only where they run natively.
+    """
+    import os
+
+    import pytest
+
+    has_cuda = torch.cuda.is_available()
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    if not (has_cuda or interpreting):
+        pytest.skip("needs a CUDA device or TRITON_INTERPRET=1 (Triton interpreter on CPU)", allow_module_level=True)
+    pytest.importorskip("triton")
+    return ("cuda" if has_cuda else "cpu"), has_cuda and not interpreting

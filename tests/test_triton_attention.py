@@ -7,18 +7,13 @@ milliseconds per tile, so on CPU the shapes are tiny but odd on purpose (maps th
 window, head dims that are not powers of two, strided views); on a GPU model-sized shapes and fp16/bf16 run too.
 """
 
-import os
-
 import pytest
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+from helpers import assert_close_verbose, max_abs_error, triton_test_device
 
 pytestmark = pytest.mark.interpreter
-if not (HAS_CUDA or INTERPRETING):
-    pytest.skip("needs a CUDA device or TRITON_INTERPRET=1 (Triton interpreter on CPU)", allow_module_level=True)
-pytest.importorskip("triton")
+DEVICE, ON_GPU = triton_test_device()
 
 import sam2_fast  # noqa: E402
 import sam2_fast.ops  # noqa: E402
@@ -26,10 +21,7 @@ from sam2_fast import torch_ops  # noqa: E402
 from sam2_fast.kernels.global_attention import global_attention  # noqa: E402
 from sam2_fast.kernels.window_attention import window_attention  # noqa: E402
 
-from helpers import assert_close_verbose, max_abs_error  # noqa: E402
 
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-ON_GPU = HAS_CUDA and not INTERPRETING
 # fp16/bf16 run on CPU too: the interpreter computes their matmuls in fp32 (see kernels.window_attention), but the
 # 16-bit loads, pooling, padding fill and output casts are the kernel's own.
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)

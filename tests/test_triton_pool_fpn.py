@@ -8,18 +8,13 @@ Both ops are exact in every dtype, so every comparison is bit for bit: max-pool 
 fpn_upsample_add widens both operands to float32 (exact) and does one float32 add, as the reference does.
 """
 
-import os
-
 import pytest
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+from helpers import assert_close_verbose, triton_test_device
 
 pytestmark = pytest.mark.interpreter
-if not (HAS_CUDA or INTERPRETING):
-    pytest.skip("needs a CUDA device or TRITON_INTERPRET=1 (Triton interpreter on CPU)", allow_module_level=True)
-pytest.importorskip("triton")
+DEVICE, ON_GPU = triton_test_device()
 
 import sam2_fast  # noqa: E402
 import sam2_fast.ops  # noqa: E402
@@ -27,11 +22,7 @@ from sam2_fast import torch_ops  # noqa: E402
 from sam2_fast.kernels.fpn_upsample_add import fpn_upsample_add  # noqa: E402
 from sam2_fast.kernels.maxpool2x2 import maxpool2x2  # noqa: E402
 
-from helpers import assert_close_verbose  # noqa: E402
 
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-# Large, model-sized shapes only where kernels run natively; the interpreter takes milliseconds per program.
-ON_GPU = HAS_CUDA and not INTERPRETING
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
