@@ -13,10 +13,11 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q "$(TORCH_SPEC)" ninja
-	# The reference sam2 package, to test and benchmark against (pure Python, no torchvision needed).
-	SAM2_BUILD_CUDA=0 $(PY) -m pip install -q --no-deps --no-build-isolation sam2==1.1.0
 	# sam2_fast itself with its test extras; builds the C++ extension against the torch above.
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	# The reference sam2 package, to test and benchmark against. Its encoder is pure Python and imports without
+	# torchvision, so it goes in last and without its declared dependencies.
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install -q --no-deps --no-build-isolation sam2==1.1.0
 	touch $@
 
 install: $(VENV)/.installed
