@@ -15,6 +15,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <vector>
@@ -140,29 +141,36 @@ at::Tensor window_attention_cpu(
           reader.prefetch_window((window + 1) / (cols * rows), next_row * window_size, next_col * window_size,
                                  window_size, 3 * dim);
         }
+        // Only the queries that survive the crop are computed (padding tokens still attend as keys): in a window
+        // that overhangs the map, query (qy, qx) is row qy * valid_w + qx of the packed problem. With q_pool a
+        // window holding a single row or column of the map pools to nothing.
+        const int64_t valid_h = std::min(out_window, out_h - row * out_window);
+        const int64_t valid_w = std::min(out_window, out_w - col * out_window);
+        if (valid_h <= 0 || valid_w <= 0) continue;
         for (int64_t wy = 0; wy < window_size; ++wy) {
           for (int64_t wx = 0; wx < window_size; ++wx) {
             read_key_value(reader.token(b, y0 + wy, x0 + wx), k_offset, v_offset, head_dim, wy * window_size + wx,
                            shape, keys_t.data(), values.data());
           }
         }
+        const AttentionShape task_shape{valid_h * valid_w, shape.num_keys, head_dim};
         const int64_t step = q_pool ? 2 : 1;
-        for (int64_t qy = 0; qy < out_window; ++qy) {
-          for (int64_t qx = 0; qx < out_window; ++qx) {
+        for (int64_t qy = 0; qy < valid_h; ++qy) {
+          for (int64_t qx = 0; qx < valid_w; ++qx) {
             read_query(reader, b, y0 + step * qy, x0 + step * qx, q_pool, q_offset, head_dim,
-                       queries.data() + (qy * out_window + qx) * head_dim);
+                       queries.data() + (qy * valid_w + qx) * head_dim);
           }
         }
-        attention_f32(shape, scale, queries.data(), keys_t.data(), values.data(), scores.data(), inverse_sums.data(),
-                      result.data());
-        // Unpartition and crop: query (qy, qx) of this window lands at (row * out_window + qy, col * out_window + qx).
-        for (int64_t qy = 0; qy < out_window; ++qy) {
+        std::fill(queries.begin() + task_shape.num_queries * head_dim,
+                  queries.begin() + task_shape.query_rows() * head_dim, 0.0f);
+        attention_f32(task_shape, scale, queries.data(), keys_t.data(), values.data(), scores.data(),
+                      inverse_sums.data(), result.data());
+        // Unpartition: query (qy, qx) of this window lands at (row * out_window + qy, col * out_window + qx).
+        for (int64_t qy = 0; qy < valid_h; ++qy) {
           const int64_t oy = row * out_window + qy;
-          if (oy >= out_h) break;
-          for (int64_t qx = 0; qx < out_window; ++qx) {
+          for (int64_t qx = 0; qx < valid_w; ++qx) {
             const int64_t ox = col * out_window + qx;
-            if (ox >= out_w) break;
-            const float* src = result.data() + (qy * out_window + qx) * shape.value_stride();
+            const float* src = result.data() + (qy * valid_w + qx) * shape.value_stride();
             scalar_t* out_token = dst + ((b * out_h + oy) * out_w + ox) * dim + q_offset;
             for (int64_t d = 0; d < head_dim; ++d) out_token[d] = static_cast<scalar_t>(src[d]);
           }
