@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops
+from . import dense, ops
 from .layers import Conv2d, Linear
 
 logger = logging.getLogger(__name__)
@@ -59,10 +59,21 @@ class MLP(nn.Module):
         self.sigmoid_output = sigmoid_output
         self.act = activation()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            x = self.act(layer(x)) if i < self.num_layers - 1 else layer(x)
-        return torch.sigmoid(x) if self.sigmoid_output else x
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The MLP of ``x``, plus ``residual`` when given (added by the last GEMM where that saves a pass)."""
+        exact_gelu = type(self.act) is nn.GELU and self.act.approximate == "none"
+        for layer in self.layers[:-1]:
+            if exact_gelu:
+                x = dense.linear_gelu(x, layer.weight, layer.bias)
+            else:
+                x = self.act(layer(x))
+        last = self.layers[-1]
+        if self.sigmoid_output:
+            x = torch.sigmoid(last(x))
+            return x if residual is None else residual + x
+        if residual is None:
+            return last(x)
+        return dense.linear_add(x, last.weight, last.bias, residual)
 
 
 class PatchEmbed(nn.Module):
@@ -80,7 +91,9 @@ class PatchEmbed(nn.Module):
         self.proj = Conv2d(in_chans, embed_dim, kernel_size=kernel_size, stride=stride, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).permute(0, 2, 3, 1)
+        # A channels-last image makes the convolution write its output channels-last, so the (B, H, W, C) view
+        # below is contiguous (the 3-channel input is cheap to convert).
+        return self.proj(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
 
 
 class MultiScaleAttention(nn.Module):
@@ -100,19 +113,28 @@ class MultiScaleAttention(nn.Module):
         self.qkv = Linear(dim, dim_out * 3)
         self.proj = Linear(dim_out, dim_out)
 
-    def forward(self, x: torch.Tensor, window_size: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, window_size: int = 0, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Attention of ``x``, plus ``residual`` when given (added by the output projection's GEMM)."""
         qkv = self.qkv(x)
         pool_q = self.q_pool is not None
         if window_size > 0:
             out = ops.window_attention(qkv, self.qkv.bias, self.num_heads, window_size, pool_q)
         else:
             out = ops.global_attention(qkv, self.num_heads, pool_q)
-        return self.proj(out)
+        if residual is None:
+            return self.proj(out)
+        return dense.linear_add(out, self.proj.weight, self.proj.bias, residual)
 
 
 def _check_q_stride(q_stride) -> None:
     if q_stride is not None and tuple(q_stride) != (2, 2):
         raise NotImplementedError(f"sam2_fast pools with q_stride (2, 2) only, as every SAM-2 config does; got {q_stride}")
+
+
+# On CPU a block runs over bands of about this many tokens (whole window rows; token chunks for the MLP of a global
+# block), so that a band's qkv, attention output and MLP activations (3-4x the width of the map) stay in cache and
+# no full-map buffer of that width is ever allocated, page-faulted in and swept through memory.
+CPU_BAND_TOKENS = 4096
 
 
 class MultiScaleBlock(nn.Module):
@@ -149,14 +171,60 @@ class MultiScaleBlock(nn.Module):
             self.proj = Linear(dim, dim_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or torch.compiler.is_compiling() or self._stochastic_depth():
+            return self._forward_map(x)
+        return self._forward_in_bands(x)
+
+    def _stochastic_depth(self) -> bool:
+        return self.training and not isinstance(self.drop_path, nn.Identity)
+
+    def _attention_half(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
         x = self.norm1(x)
         if self.dim != self.dim_out:
             shortcut = self.proj(x)
             if self.pool is not None:
                 shortcut = ops.maxpool2x2(shortcut)
-        x = shortcut + self.drop_path(self.attn(x, self.window_size))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        if self._stochastic_depth():
+            return shortcut + self.drop_path(self.attn(x, self.window_size))
+        # Without stochastic depth each residual add is folded into the GEMM that ends its branch.
+        return self.attn(x, self.window_size, residual=shortcut)
+
+    def _mlp_half(self, x: torch.Tensor) -> torch.Tensor:
+        if self._stochastic_depth():
+            return x + self.drop_path(self.mlp(self.norm2(x)))
+        return self.mlp(self.norm2(x), residual=x)
+
+    def _forward_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self._mlp_half(self._attention_half(x))
+
+    def _forward_in_bands(self, x: torch.Tensor) -> torch.Tensor:
+        """The block over bands of about CPU_BAND_TOKENS tokens, each written into the output as it is done."""
+        batch, height, width, _ = x.shape
+        if self.window_size == 0:
+            # Global attention needs the whole map; its MLP half goes over chunks of tokens.
+            x = self._attention_half(x)
+            tokens = x.reshape(-1, x.shape[-1])
+            if tokens.shape[0] <= CPU_BAND_TOKENS:
+                return self._mlp_half(x)
+            out = torch.empty_like(tokens)
+            for start in range(0, tokens.shape[0], CPU_BAND_TOKENS):
+                out[start : start + CPU_BAND_TOKENS].copy_(self._mlp_half(tokens[start : start + CPU_BAND_TOKENS]))
+            return out.view(x.shape)
+        # Bands of whole window rows of one image: no window straddles two bands, the last band's padding is the
+        # map's, and with q-pooling each (even) band pools to exactly its half of the output rows.
+        band_rows = self.window_size * max(1, CPU_BAND_TOKENS // (self.window_size * width))
+        if batch == 1 and band_rows >= height:
+            return self._forward_map(x)
+        stride = 2 if self.pool is not None else 1
+        out = None
+        for image in range(batch):
+            for top in range(0, height, band_rows):
+                band = self._forward_map(x[image : image + 1, top : top + band_rows])
+                if out is None:
+                    out = band.new_empty(batch, height // stride, width // stride, band.shape[-1])
+                out[image : image + 1, top // stride : top // stride + band.shape[1]].copy_(band)
+        return out
 
 
 class Hiera(nn.Module):

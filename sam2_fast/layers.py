@@ -1,22 +1,22 @@
-"""nn.Linear and nn.Conv2d that compute through the op layer (same parameters, same state_dict keys)."""
+"""nn.Linear and nn.Conv2d that compute through :mod:`sam2_fast.dense` (same parameters, same state_dict keys)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from . import ops
+from . import dense
 
 
 class Linear(nn.Linear):
-    """An ``nn.Linear`` whose product goes through :func:`sam2_fast.ops.linear`."""
+    """An ``nn.Linear`` whose product goes through :func:`sam2_fast.dense.linear`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.weight, self.bias)
+        return dense.linear(x, self.weight, self.bias)
 
 
 class Conv2d(nn.Conv2d):
-    """An ``nn.Conv2d`` (zero padding, no groups or dilation) going through :func:`sam2_fast.ops.conv2d`."""
+    """An ``nn.Conv2d`` (zero padding, no groups or dilation) going through :func:`sam2_fast.dense.conv2d`."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -27,4 +27,4 @@ class Conv2d(nn.Conv2d):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+        return dense.conv2d(x, self.weight, self.bias, self.stride, self.padding)

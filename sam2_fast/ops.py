@@ -26,9 +26,9 @@ import warnings
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from . import op_shapes, torch_ops
+from .precision import emulated_attention_dtype, rounded_fp32
 
 BACKENDS = ("torch", "triton", "extension")
 BACKEND_ENV_VAR = "SAM2_FAST_BACKEND"
@@ -304,11 +304,11 @@ def window_attention(
     """Windowed attention of a (B, H, W, 3 * dim) qkv map -> (B, H', W', dim); see torch_ops.window_attention."""
     backend = resolve_backend("window_attention", qkv.device.type)
     if backend == "torch":
-        dtype = _emulated_attention_dtype(qkv)
+        dtype = emulated_attention_dtype(qkv)
         if dtype is not None:
             with torch.autocast("cpu", enabled=False):
                 out = torch_ops.window_attention(
-                    qkv.float(), _rounded_fp32(qkv_bias, dtype), num_heads, window_size, q_pool
+                    qkv.float(), rounded_fp32(qkv_bias, dtype), num_heads, window_size, q_pool
                 )
             return out.to(dtype)
         return torch_ops.window_attention(qkv, qkv_bias, num_heads, window_size, q_pool)
@@ -319,7 +319,7 @@ def global_attention(qkv: torch.Tensor, num_heads: int, q_pool: bool) -> torch.T
     """Attention over all tokens of each image of a (B, H, W, 3 * dim) qkv map -> (B, H', W', dim)."""
     backend = resolve_backend("global_attention", qkv.device.type)
     if backend == "torch":
-        dtype = _emulated_attention_dtype(qkv)
+        dtype = emulated_attention_dtype(qkv)
         if dtype is not None:
             with torch.autocast("cpu", enabled=False):
                 out = torch_ops.global_attention(qkv.float(), num_heads, q_pool)
@@ -354,65 +354,3 @@ def sine_position_encoding(
     if backend == "torch":
         return torch_ops.sine_position_encoding(height, width, num_pos_feats, temperature, normalize, scale, device)
     return _sine_position_encoding_op(height, width, num_pos_feats, temperature, normalize, scale, device, backend)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Dense layers (linear, convolution) in low precision on CPUs without bf16/fp16 matrix units.
-#
-# On such CPUs (AVX2, AVX-512 without BF16) ATen's bf16/fp16 GEMMs and convolutions run several times slower than
-# fp32 ones. Those GEMMs accumulate in fp32 and round the result once, so computing them in fp32 on the
-# low-precision-rounded operands and rounding the result gives the same numbers up to summation order, much sooner.
-# CPUs with AMX or AVX512-BF16 (and every GPU) keep the native path.
-
-def _cpu_has_native(dtype: torch.dtype) -> bool:
-    probes = {
-        torch.bfloat16: ("_is_avx512_bf16_supported", "_is_amx_tile_supported"),
-        torch.float16: ("_is_amx_fp16_supported",),
-    }[dtype]
-    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
-
-
-_CPU_NATIVE_LOW_PRECISION = {dtype: _cpu_has_native(dtype) for dtype in (torch.bfloat16, torch.float16)}
-
-
-def _emulated_compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.dtype]:
-    """The low-precision dtype whose GEMM is to be emulated in fp32 here, or None for the native path."""
-    if x.device.type != "cpu":
-        return None
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
-    if _CPU_NATIVE_LOW_PRECISION.get(dtype, True):
-        return None
-    return dtype
-
-
-def _emulated_attention_dtype(qkv: torch.Tensor) -> Optional[torch.dtype]:
-    """For the torch backend's attention: the low-precision dtype to run in fp32 (SDPA's GEMMs), or None."""
-    if qkv.device.type != "cpu" or _CPU_NATIVE_LOW_PRECISION.get(qkv.dtype, True):
-        return None
-    return qkv.dtype
-
-
-def _rounded_fp32(tensor: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
-    return None if tensor is None else tensor.to(dtype).float()
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``F.linear``, with the low-precision GEMM emulated in fp32 on CPUs that lack bf16/fp16 units."""
-    dtype = _emulated_compute_dtype(x, weight)
-    if dtype is None:
-        return F.linear(x, weight, bias)
-    with torch.autocast("cpu", enabled=False):
-        out = F.linear(_rounded_fp32(x, dtype), _rounded_fp32(weight, dtype), _rounded_fp32(bias, dtype))
-    return out.to(dtype)
-
-
-def conv2d(
-    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding
-) -> torch.Tensor:
-    """``F.conv2d``, with the low-precision convolution emulated in fp32 on CPUs that lack bf16/fp16 units."""
-    dtype = _emulated_compute_dtype(x, weight)
-    if dtype is None:
-        return F.conv2d(x, weight, bias, stride, padding)
-    with torch.autocast("cpu", enabled=False):
-        out = F.conv2d(_rounded_fp32(x, dtype), _rounded_fp32(weight, dtype), _rounded_fp32(bias, dtype), stride, padding)
-    return out.to(dtype)

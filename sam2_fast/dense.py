@@ -1,0 +1,92 @@
+"""The encoder's GEMMs: linear layers (alone, with their GELU, with their residual add) and 1x1 convolutions.
+
+These are plain ATen calls arranged to spend fewer passes over memory than ``F.linear`` followed by separate
+elementwise ops, on every device and backend:
+
+- ``linear_add``: ``residual + linear(x)`` starts from ``residual + bias`` (one pass) and lets the GEMM accumulate
+  into it (``addmm_`` with beta=1). ``residual + F.linear(x)`` instead broadcasts the bias into a fresh output, runs
+  the GEMM, and adds the residual in a third pass into a second fresh buffer.
+- ``linear_gelu``: the GELU runs in place on the GEMM's output when no gradient needs its input.
+- ``conv2d``: a 1x1, stride-1 convolution of a channels-last map is a GEMM over its pixels; it is computed as one
+  and returned as a channels-last (B, C, H, W) view.
+
+Rounding is the reference's wherever a low-precision dtype is involved: under autocast, and in bf16/fp16, each
+GEMM's result is rounded before the residual add, as ``residual + F.linear(x)`` does; only fp32 without autocast
+folds (fp32 addition in another order, within an ulp). On CPUs without bf16/fp16 units the low-precision GEMMs run
+in fp32 on rounded operands (see :mod:`sam2_fast.precision`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
+
+from .precision import emulated_compute_dtype, rounded_fp32
+
+
+def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F.linear``, with the low-precision GEMM emulated in fp32 on CPUs that lack bf16/fp16 units."""
+    dtype = emulated_compute_dtype(x, weight)
+    if dtype is None:
+        return F.linear(x, weight, bias)
+    with torch.autocast("cpu", enabled=False):
+        out = F.linear(rounded_fp32(x, dtype), rounded_fp32(weight, dtype), rounded_fp32(bias, dtype))
+    return out.to(dtype)
+
+
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F.gelu(linear(x))`` (exact, erf GELU), in place on the GEMM's output when no gradient needs it."""
+    out = linear(x, weight, bias)
+    if _needs_grad(x, weight, bias):
+        return F.gelu(out)
+    return torch.ops.aten.gelu_(out)
+
+
+def _folds_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> bool:
+    return (
+        not torch.is_autocast_enabled(x.device.type)
+        and x.dtype == weight.dtype == residual.dtype == torch.float32
+        and residual.shape[-1] == weight.shape[0]
+        and residual.shape[:-1] == x.shape[:-1]
+    )
+
+
+def linear_add(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor
+) -> torch.Tensor:
+    """``residual + linear(x)`` as one GEMM accumulating into ``residual + bias`` (fp32); ``residual`` is not changed."""
+    if not _folds_residual(x, weight, residual):
+        return residual + linear(x, weight, bias)
+    if bias is None:
+        out = residual.clone(memory_format=torch.contiguous_format)
+    else:
+        out = torch.add(residual, bias)
+        if not out.is_contiguous():
+            out = out.contiguous()
+    out.view(-1, out.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), weight.t())
+    return out
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and x.permute(0, 2, 3, 1).is_contiguous()
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding) -> torch.Tensor:
+    """``F.conv2d`` (zero padding, no groups or dilation); a 1x1 stride-1 convolution of a channels-last map runs as
+    a GEMM over its pixels. Low-precision convolutions are emulated in fp32 on CPUs that lack bf16/fp16 units."""
+    pointwise = weight.shape[-2:] == (1, 1) and tuple(_pair(stride)) == (1, 1)
+    if pointwise and tuple(_pair(padding)) == (0, 0) and _is_channels_last(x):
+        return linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
+    dtype = emulated_compute_dtype(x, weight)
+    if dtype is None:
+        return F.conv2d(x, weight, bias, stride, padding)
+    with torch.autocast("cpu", enabled=False):
+        out = F.conv2d(rounded_fp32(x, dtype), rounded_fp32(weight, dtype), rounded_fp32(bias, dtype), stride, padding)
+    return out.to(dtype)

@@ -1,0 +1,147 @@
+"""The encoder's GEMM helpers (sam2_fast.dense) and the banded CPU block: same numbers as the plain sequence."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sam2_fast import dense, hiera
+
+from helpers import assert_close_verbose, encoder_pair, flat_outputs
+
+# fp32: the folded forms add the same terms in another order (residual + bias first, then the GEMM), so they may
+# differ from the plain sequence by a few ulps of the result, ~1e-6 relative at these sizes.
+FP32_ATOL = 1e-5
+
+
+def _operands(rows=(3, 5, 7), in_features=24, out_features=40, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(*rows, in_features, generator=generator)
+    weight = torch.randn(out_features, in_features, generator=generator) / in_features**0.5
+    bias = torch.randn(out_features, generator=generator)
+    residual = torch.randn(*rows, out_features, generator=generator)
+    return x, weight, bias, residual
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("residual_layout", ["contiguous", "permuted"])
+def test_linear_add_folds_the_residual_fp32(with_bias, residual_layout):
+    x, weight, bias, residual = _operands()
+    bias = bias if with_bias else None
+    if residual_layout == "permuted":  # a residual whose memory is not in (.., C) order still works
+        residual = residual.transpose(0, 1).contiguous().transpose(0, 1)
+    kept = residual.clone()
+    out = dense.linear_add(x, weight, bias, residual)
+    assert_close_verbose(out, residual + F.linear(x, weight, bias), atol=FP32_ATOL, name="linear_add")
+    assert torch.equal(residual, kept), "linear_add must not change its residual"
+    assert out.is_contiguous() and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_add_rounds_like_the_reference_in_low_precision(dtype):
+    # Not folded: the GEMM result is rounded to the low-precision dtype before the add, exactly as
+    # `residual + F.linear(x)` does (on CPUs without bf16 units, F.linear's GEMM is emulated in fp32 and rounded).
+    x, weight, bias, residual = (t.to(dtype) for t in _operands())
+    out = dense.linear_add(x, weight, bias, residual)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, residual + dense.linear(x, weight, bias), atol=0, rtol=0)
+
+
+def test_linear_add_under_autocast_keeps_the_reference_dtypes():
+    # Under autocast the residual stream is fp32 and the branch bf16: the sum is fp32, the branch rounded first.
+    x, weight, bias, residual = _operands()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = dense.linear_add(x, weight, bias, residual)
+        expected = residual + F.linear(x, weight, bias)
+    assert out.dtype == expected.dtype == torch.float32
+    # both round the GEMM to bf16 once (ours may compute it in fp32 on bf16 operands): one bf16 ulp of the branch
+    torch.testing.assert_close(out, expected, atol=2e-2, rtol=2**-7)
+
+
+def test_linear_gelu_in_place_and_with_gradients():
+    x, weight, bias, _ = _operands()
+    expected = F.gelu(F.linear(x, weight, bias))
+    with torch.no_grad():
+        assert_close_verbose(dense.linear_gelu(x, weight, bias), expected, atol=1e-6, name="no_grad")
+    x.requires_grad_(True)
+    out = dense.linear_gelu(x, weight, bias)
+    assert_close_verbose(out.detach(), expected, atol=1e-6, name="with grad")
+    (grad,) = torch.autograd.grad(out.square().sum(), x)
+    (expected_grad,) = torch.autograd.grad(F.gelu(F.linear(x, weight, bias)).square().sum(), x)
+    assert_close_verbose(grad, expected_grad, atol=1e-5, name="grad")
+
+
+def test_linear_add_gradients():
+    x, weight, bias, residual = (t.requires_grad_(True) for t in _operands())
+    grads = torch.autograd.grad(dense.linear_add(x, weight, bias, residual).square().sum(), (x, weight, bias, residual))
+    expected = torch.autograd.grad((residual + F.linear(x, weight, bias)).square().sum(), (x, weight, bias, residual))
+    for name, actual, wanted in zip(("x", "weight", "bias", "residual"), grads, expected):
+        assert_close_verbose(actual, wanted, atol=1e-4, name=name)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+@pytest.mark.parametrize("kernel,stride,padding", [(1, 1, 0), (7, 4, 3)])
+def test_conv2d_matches_torch(layout, kernel, stride, padding):
+    generator = torch.Generator().manual_seed(1)
+    image = torch.randn(2, 5, 12, 20, generator=generator)
+    if layout == "channels_last":
+        image = image.contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(7, 5, kernel, kernel, generator=generator), torch.randn(7, generator=generator)
+    out = dense.conv2d(image, weight, bias, stride, padding)
+    assert_close_verbose(out, F.conv2d(image, weight, bias, stride, padding), atol=1e-5, name="conv2d")
+
+
+@pytest.mark.parametrize("mode", ["autocast", "cast"])
+@pytest.mark.parametrize("kernel,stride,padding", [(1, 1, 0), (7, 4, 3)])
+def test_low_precision_dense_layers_match_native(mode, kernel, stride, padding):
+    # On CPUs without bf16 units GEMMs/convolutions run in fp32 on bf16-rounded operands and the result is rounded;
+    # either way the result must be the native bf16 result to within bf16 rounding.
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 48, generator=generator)
+    weight, bias = torch.randn(40, 48, generator=generator), torch.randn(40, generator=generator)
+    image = torch.randn(1, 3, 16, 16, generator=generator).contiguous(memory_format=torch.channels_last)
+    kernel_weight = torch.randn(8, 3, kernel, kernel, generator=generator)
+    if mode == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, expected = dense.linear(x, weight, bias), F.linear(x, weight, bias)
+            conv = dense.conv2d(image, kernel_weight, None, stride, padding)
+            conv_expected = F.conv2d(image, kernel_weight, None, stride, padding)
+    else:
+        x, weight, bias, image, kernel_weight = (t.bfloat16() for t in (x, weight, bias, image, kernel_weight))
+        out, expected = dense.linear(x, weight, bias), F.linear(x, weight, bias)
+        conv = dense.conv2d(image, kernel_weight, None, stride, padding)
+        conv_expected = F.conv2d(image, kernel_weight, None, stride, padding)
+    for actual, native in ((out, expected), (conv, conv_expected)):
+        assert actual.dtype == native.dtype == torch.bfloat16
+        # both accumulate in fp32 and round once: at most one bf16 ulp (2^-7 relative) apart
+        torch.testing.assert_close(actual.float(), native.float(), atol=1e-2, rtol=2**-7)
+
+
+# The banded CPU path must give the whole-map result: bands of whole window rows, per image, the last band padded
+# by the attention op exactly where the whole map is, q-pooled bands landing on their output rows, and the MLP of a
+# global block in token chunks. A tiny band size makes every block of a small input run in several bands.
+@pytest.mark.parametrize("band_tokens", [1, 100])
+@pytest.mark.parametrize("name", ["sam2.1_hiera_tiny", "sam2_hiera_small"])
+def test_banded_blocks_match_reference(monkeypatch, name, band_tokens):
+    reference, ours = encoder_pair(name)
+    x = torch.randn(2, 3, 96, 160, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = reference(x)
+        monkeypatch.setattr(hiera, "CPU_BAND_TOKENS", band_tokens)
+        actual = ours(x)
+    for (label, wanted), (_, got) in zip(flat_outputs(expected), flat_outputs(actual)):
+        assert got.dtype == wanted.dtype
+        assert_close_verbose(got, wanted, atol=1e-4 * max(wanted.abs().max().item(), 1.0), name=label)
+
+
+def test_banded_blocks_pass_gradients(monkeypatch):
+    # Fine-tuning on CPU goes through the banded path too (bands are written into the output with copy_).
+    monkeypatch.setattr(hiera, "CPU_BAND_TOKENS", 64)
+    block = hiera.MultiScaleBlock(dim=16, dim_out=32, num_heads=2, q_stride=(2, 2), window_size=4).eval()
+    x = torch.randn(2, 11, 9, 16, requires_grad=True)
+    banded = block(x)
+    grads = torch.autograd.grad(banded.square().sum(), [x, *block.parameters()])
+    whole = block._forward_map(x)
+    expected = torch.autograd.grad(whole.square().sum(), [x, *block.parameters()])
+    assert_close_verbose(banded.detach(), whole.detach(), atol=1e-5, name="output")
+    for actual, wanted in zip(grads, expected):
+        assert_close_verbose(actual, wanted, atol=1e-4, name="grad")
