@@ -30,3 +30,5 @@ demo: install
 test: install
 	$(PY) -m pytest -q tests -m "not interpreter"
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests -m interpreter
+	# The whole model again with the C++ extension switched off: the package must be right on torch alone.
+	SAM2_FAST_DISABLE_EXT=1 $(PY) -m pytest -q tests/test_parity.py tests/test_dense.py tests/test_ops_torch.py

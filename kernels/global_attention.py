@@ -1,7 +1,7 @@
 """Global multi-head attention of Hiera: flash-attention over all H * W tokens of each image, q optionally pooled.
 
-The kernel reuses the window kernel's tile loader and online-softmax step: it is the same loop with one window
-covering the whole map (so no padding and no bias fill).
+The kernel reuses the window kernel's query loader and attention loop (``_attend``): it is the same loop with one
+window covering the whole map (so no padding and no bias fill).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .window_attention import (
-    _LOG2_E, TRITON_DTYPES, _load_query_rows, _load_token_rows, _online_softmax_step, check_qkv, dot_in_fp32, max_block_n,
+    _LOG2_E, TRITON_DTYPES, _attend, _load_query_rows, check_qkv, dot_in_fp32, max_block_n,
 )
 
 
@@ -58,26 +58,10 @@ def _global_attention_kernel(
         no_fill, HEAD_DIM, False, Q_POOL,
     )
 
-    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    num_keys = height * width
-    for key_start in range(0, num_keys, BLOCK_N):
-        key = key_start + tl.arange(0, BLOCK_N)
-        key_valid = key < num_keys
-        key_y = key // width
-        key_x = key % width
-        k = _load_token_rows(
-            k_ptr, key_y, key_x, key_valid, height, width, stride_qkv_h, stride_qkv_w, offs_d, no_fill,
-            HEAD_DIM, False,
-        )
-        v = _load_token_rows(
-            v_ptr, key_y, key_x, key_valid, height, width, stride_qkv_h, stride_qkv_w, offs_d, no_fill,
-            HEAD_DIM, False,
-        )
-        row_max, row_sum, acc = _online_softmax_step(q, k, v, key_valid, row_max, row_sum, acc, qk_scale, DOT_IN_FP32)
-
-    out = acc / row_sum[:, None]
+    out = _attend(
+        q, k_ptr, v_ptr, 0, 0, height * width, width, height, width, stride_qkv_h, stride_qkv_w, offs_d,
+        no_fill, no_fill, qk_scale, HEAD_DIM, False, DOT_IN_FP32, BLOCK_M, BLOCK_N, BLOCK_D,
+    )
     out_ptrs = (
         out_ptr + batch * stride_out_b + query_y[:, None] * stride_out_h + query_x[:, None] * stride_out_w
         + head * HEAD_DIM + offs_d[None, :]

@@ -1,7 +1,7 @@
 """Windowed multi-head attention of Hiera (partition, padding, q-pooling, attention and unpartition in one kernel).
 
-The tile loader and the online-softmax step defined here are shared with ``global_attention``, whose kernel is the
-same loop over one window the size of the whole map.
+The tile loaders and the attention loop (``_attend``) defined here are shared with ``global_attention``, whose
+kernel is the same loop over one window the size of the whole map.
 """
 
 from __future__ import annotations
@@ -94,6 +94,36 @@ def _online_softmax_step(q, k, v, key_valid, row_max, row_sum, acc, qk_scale, DO
 
 
 @triton.jit
+def _attend(
+    q, k_ptr, v_ptr, origin_y, origin_x, num_keys, keys_per_row, height, width, stride_h, stride_w, offs_d,
+    k_fill, v_fill, qk_scale,
+    HEAD_DIM: tl.constexpr, HAS_FILL: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """softmax(q k^T * scale) v of a (BLOCK_M, BLOCK_D) query tile over ``num_keys`` tokens, fp32.
+
+    Key i is the token at (origin_y + i // keys_per_row, origin_x + i % keys_per_row): a window's rows, or with
+    ``keys_per_row`` = width the whole map. Keys outside the map read as the fills (see ``_load_token_rows``).
+    """
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for key_start in range(0, num_keys, BLOCK_N):
+        key = key_start + tl.arange(0, BLOCK_N)
+        key_valid = key < num_keys
+        key_y = origin_y + key // keys_per_row
+        key_x = origin_x + key % keys_per_row
+        k = _load_token_rows(
+            k_ptr, key_y, key_x, key_valid, height, width, stride_h, stride_w, offs_d, k_fill, HEAD_DIM, HAS_FILL,
+        )
+        v = _load_token_rows(
+            v_ptr, key_y, key_x, key_valid, height, width, stride_h, stride_w, offs_d, v_fill, HEAD_DIM, HAS_FILL,
+        )
+        row_max, row_sum, acc = _online_softmax_step(q, k, v, key_valid, row_max, row_sum, acc, qk_scale, DOT_IN_FP32)
+    return acc / row_sum[:, None]
+
+
+@triton.jit
 def _window_attention_kernel(
     qkv_ptr, bias_ptr, out_ptr,
     height, width, out_height, out_width, window_cols, dim,
@@ -153,25 +183,10 @@ def _window_attention_kernel(
         stride_qkv_h, stride_qkv_w, offs_d, q_fill, HEAD_DIM, HAS_BIAS, Q_POOL,
     )
 
-    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for key_start in range(0, NUM_KEYS, BLOCK_N):
-        key = key_start + tl.arange(0, BLOCK_N)
-        key_valid = key < NUM_KEYS
-        key_y = window_y + key // WINDOW
-        key_x = window_x + key % WINDOW
-        k = _load_token_rows(
-            k_ptr, key_y, key_x, key_valid, height, width, stride_qkv_h, stride_qkv_w, offs_d, k_fill,
-            HEAD_DIM, HAS_BIAS,
-        )
-        v = _load_token_rows(
-            v_ptr, key_y, key_x, key_valid, height, width, stride_qkv_h, stride_qkv_w, offs_d, v_fill,
-            HEAD_DIM, HAS_BIAS,
-        )
-        row_max, row_sum, acc = _online_softmax_step(q, k, v, key_valid, row_max, row_sum, acc, qk_scale, DOT_IN_FP32)
-
-    out = acc / row_sum[:, None]
+    out = _attend(
+        q, k_ptr, v_ptr, window_y, window_x, NUM_KEYS, WINDOW, height, width, stride_qkv_h, stride_qkv_w, offs_d,
+        k_fill, v_fill, qk_scale, HEAD_DIM, HAS_BIAS, DOT_IN_FP32, BLOCK_M, BLOCK_N, BLOCK_D,
+    )
     out_y = window_y // POOL + query_y
     out_x = window_x // POOL + query_x
     store_mask = query_valid & (out_y < out_height) & (out_x < out_width)

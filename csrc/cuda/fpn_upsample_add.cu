@@ -24,8 +24,7 @@ template <typename out_t, typename lateral_t, typename prev_t>
 __global__ void fpn_upsample_add_kernel(
     const lateral_t* __restrict__ lateral, const prev_t* __restrict__ prev, out_t* __restrict__ dst, int64_t count,
     int64_t channels, int64_t height, int64_t width, Strides4 ls, Strides4 ps) {
-  for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; index < count;
-       index += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  CUDA_KERNEL_LOOP_TYPE(index, count, int64_t) {
     const int64_t x = index % width;
     const int64_t y = (index / width) % height;
     const int64_t c = (index / (width * height)) % channels;
@@ -48,7 +47,6 @@ at::Tensor fpn_upsample_add_cuda(const at::Tensor& lateral, const at::Tensor& pr
   at::Tensor out = at::empty(lateral.sizes(), lateral.options().dtype(out_dtype));
   const int64_t count = out.numel();
   if (count == 0) return out;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const Strides4 ls{lateral.stride(0), lateral.stride(1), lateral.stride(2), lateral.stride(3)};
   const Strides4 ps{prev.stride(0), prev.stride(1), prev.stride(2), prev.stride(3)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, lateral.scalar_type(), "fpn_upsample_add_cuda", [&] {
@@ -57,16 +55,14 @@ at::Tensor fpn_upsample_add_cuda(const at::Tensor& lateral, const at::Tensor& pr
       using prev_t = scalar_t;
       auto launch = [&](auto* dst) {
         using out_t = std::remove_pointer_t<decltype(dst)>;
-        fpn_upsample_add_kernel<out_t, lateral_t, prev_t><<<blocks_for(count), kThreadsPerBlock, 0, stream>>>(
-            lateral.const_data_ptr<lateral_t>(), prev.const_data_ptr<prev_t>(), dst, count, out.size(1),
-            out.size(2), out.size(3), ls, ps);
+        launch_per_item(fpn_upsample_add_kernel<out_t, lateral_t, prev_t>, count, lateral.const_data_ptr<lateral_t>(),
+                        prev.const_data_ptr<prev_t>(), dst, count, out.size(1), out.size(2), out.size(3), ls, ps);
       };
       if (out_dtype == at::kDouble) {
         launch(out.mutable_data_ptr<double>());
       } else {
         launch(out.mutable_data_ptr<float>());
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   return out;

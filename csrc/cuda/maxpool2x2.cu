@@ -19,8 +19,7 @@ template <typename scalar_t>
 __global__ void maxpool2x2_kernel(
     const scalar_t* __restrict__ src, scalar_t* __restrict__ dst, int64_t count, int64_t out_h, int64_t out_w,
     int64_t channels, int64_t stride_b, int64_t stride_h, int64_t stride_w) {
-  for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; index < count;
-       index += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  CUDA_KERNEL_LOOP_TYPE(index, count, int64_t) {
     const int64_t c = index % channels;
     const int64_t ox = (index / channels) % out_w;
     const int64_t oy = (index / (channels * out_w)) % out_h;
@@ -39,12 +38,9 @@ at::Tensor maxpool2x2_cuda(const at::Tensor& x_in) {
   at::Tensor out = at::empty({x.size(0), out_h, out_w, channels}, x.options());
   const int64_t count = out.numel();
   if (count == 0) return out;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "maxpool2x2_cuda", [&] {
-    maxpool2x2_kernel<scalar_t><<<blocks_for(count), kThreadsPerBlock, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), count, out_h, out_w, channels,
-        x.stride(0), x.stride(1), x.stride(2));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_per_item(maxpool2x2_kernel<scalar_t>, count, x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                    count, out_h, out_w, channels, x.stride(0), x.stride(1), x.stride(2));
   });
   return out;
 }

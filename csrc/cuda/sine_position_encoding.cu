@@ -18,8 +18,7 @@ namespace {
 __global__ void sine_position_broadcast_kernel(
     const float* __restrict__ y_table, const float* __restrict__ x_table, float* __restrict__ dst, int64_t count,
     int64_t num_pos_feats, int64_t height, int64_t width) {
-  for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; index < count;
-       index += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  CUDA_KERNEL_LOOP_TYPE(index, count, int64_t) {
     const int64_t x = index % width;
     const int64_t y = (index / width) % height;
     const int64_t channel = index / (width * height);
@@ -36,10 +35,9 @@ at::Tensor sine_position_encoding_cuda(
       sine_position_tables(height, width, num_pos_feats, temperature, normalize, scale, device);
   at::Tensor out = at::empty({1, 2 * num_pos_feats, height, width}, y_table.options());
   const int64_t count = out.numel();
-  sine_position_broadcast_kernel<<<blocks_for(count), kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      y_table.const_data_ptr<float>(), x_table.const_data_ptr<float>(), out.mutable_data_ptr<float>(), count,
-      num_pos_feats, height, width);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (count == 0) return out;
+  launch_per_item(sine_position_broadcast_kernel, count, y_table.const_data_ptr<float>(),
+                  x_table.const_data_ptr<float>(), out.mutable_data_ptr<float>(), count, num_pos_feats, height, width);
   return out;
 }
 
