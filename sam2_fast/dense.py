@@ -18,7 +18,7 @@ in fp32 on rounded operands (see :mod:`sam2_fast.precision`).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,14 +31,20 @@ def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``F.linear``, with the low-precision GEMM emulated in fp32 on CPUs that lack bf16/fp16 units."""
+def _in_compute_dtype(fn: Callable, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *args):
+    """``fn(x, weight, bias, *args)``, or on CPUs that lack bf16/fp16 units the same in fp32 on operands rounded to
+    the low-precision dtype, with the result rounded to it once."""
     dtype = emulated_compute_dtype(x, weight)
     if dtype is None:
-        return F.linear(x, weight, bias)
+        return fn(x, weight, bias, *args)
     with torch.autocast("cpu", enabled=False):
-        out = F.linear(rounded_fp32(x, dtype), rounded_fp32(weight, dtype), rounded_fp32(bias, dtype))
+        out = fn(rounded_fp32(x, dtype), rounded_fp32(weight, dtype), rounded_fp32(bias, dtype), *args)
     return out.to(dtype)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F.linear``, with the low-precision GEMM emulated in fp32 on CPUs that lack bf16/fp16 units."""
+    return _in_compute_dtype(F.linear, x, weight, bias)
 
 
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -84,9 +90,4 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
     pointwise = weight.shape[-2:] == (1, 1) and tuple(_pair(stride)) == (1, 1)
     if pointwise and tuple(_pair(padding)) == (0, 0) and _is_channels_last(x):
         return linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
-    dtype = emulated_compute_dtype(x, weight)
-    if dtype is None:
-        return F.conv2d(x, weight, bias, stride, padding)
-    with torch.autocast("cpu", enabled=False):
-        out = F.conv2d(rounded_fp32(x, dtype), rounded_fp32(weight, dtype), rounded_fp32(bias, dtype), stride, padding)
-    return out.to(dtype)
+    return _in_compute_dtype(F.conv2d, x, weight, bias, stride, padding)
