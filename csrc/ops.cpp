@@ -28,7 +28,9 @@ at::Tensor sine_position_encoding_backend_select(
 }  // namespace sam2_fast
 
 TORCH_LIBRARY(sam2_fast_ext, m) {
-  m.def("window_attention(Tensor qkv, Tensor? qkv_bias, int num_heads, int window_size, bool q_pool) -> Tensor");
+  m.def(
+      "window_attention(Tensor qkv, Tensor? qkv_bias, int num_heads, int window_size, bool q_pool, "
+      "bool add_bias=False) -> Tensor");
   m.def("global_attention(Tensor qkv, int num_heads, bool q_pool) -> Tensor");
   m.def("maxpool2x2(Tensor x) -> Tensor");
   m.def("fpn_upsample_add(Tensor lateral, Tensor prev) -> Tensor");

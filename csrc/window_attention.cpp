@@ -3,11 +3,14 @@
 // qkv: (B, H, W, 3 * dim), any strides over B, H, W, channels split as (3, num_heads, head_dim); fp32/bf16/fp16.
 // qkv_bias: (3 * dim,) or None, the q, k and v of the padding tokens (the reference pads the normed input with
 // zeros before the qkv projection); they attend unmasked, as in the reference.
+// add_bias: qkv is the bare projection and qkv_bias is added to every token as it is read (rounded to qkv's dtype,
+// as `qkv + qkv_bias` in that dtype would be): the GEMM then skips its bias pass over the whole qkv map.
 // out: (B, H_out, W_out, dim), contiguous, qkv's dtype; (H_out, W_out) = (H, W), or (H // 2, W // 2) with q_pool.
 //
 // Fuses the window partition with padding, the 2x2 max-pool of q inside each window, the attention (fp32
 // accumulation, scale 1 / sqrt(head_dim)) and the unpartition with its crop: no intermediate copies of the map.
-// One task is one (window, head); the (B * rows * cols * num_heads) tasks are spread with at::parallel_for.
+// One task is one (window, head); the (B * rows * cols * num_heads) tasks are split between the threads by cost
+// (the queries a window keeps after the crop times its keys), so that overhanging windows do not idle a thread.
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -18,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "attention_core.h"
@@ -52,34 +56,58 @@ struct TokenReader {
   }
 };
 
+// value + bias, rounded to scalar_t as the sum of two scalar_t tensors is (a no-op round for float).
+template <typename scalar_t>
+inline float add_rounded(scalar_t value, scalar_t bias) {
+  return static_cast<float>(static_cast<scalar_t>(static_cast<float>(value) + static_cast<float>(bias)));
+}
+
+// head_dim values of a token as floats, plus `bias` (the same channels of the qkv bias) unless it is null.
+template <typename scalar_t>
+inline void read_channels(const scalar_t* src, const scalar_t* bias, int64_t head_dim, float* dst) {
+  if (bias == nullptr) {
+    for (int64_t d = 0; d < head_dim; ++d) dst[d] = static_cast<float>(src[d]);
+  } else {
+    for (int64_t d = 0; d < head_dim; ++d) dst[d] = add_rounded(src[d], bias[d]);
+  }
+}
+
 // q row: channels [offset, offset + head_dim) of a token, or with `pooled` the NaN-propagating max over the 2x2
-// tokens (y, x), (y, x + 1), (y + 1, x), (y + 1, x + 1), as MaxPool2d(2, 2) computes it.
+// tokens (y, x), (y, x + 1), (y + 1, x), (y + 1, x + 1), as MaxPool2d(2, 2) computes it; plus `bias` (the q bias
+// of the head) unless it is null. Rounding is monotonic, so pooling before the bias add equals pooling after it.
 template <typename scalar_t>
 inline void read_query(
     const TokenReader<scalar_t>& reader, int64_t b, int64_t y, int64_t x, bool pooled, int64_t offset,
-    int64_t head_dim, float* dst) {
+    int64_t head_dim, const scalar_t* bias, float* dst) {
   const scalar_t* t00 = reader.token(b, y, x) + offset;
   if (!pooled) {
-    for (int64_t d = 0; d < head_dim; ++d) dst[d] = static_cast<float>(t00[d]);
+    read_channels(t00, bias, head_dim, dst);
     return;
   }
   const scalar_t* t01 = reader.token(b, y, x + 1) + offset;
   const scalar_t* t10 = reader.token(b, y + 1, x) + offset;
   const scalar_t* t11 = reader.token(b, y + 1, x + 1) + offset;
   for (int64_t d = 0; d < head_dim; ++d) {
-    dst[d] = static_cast<float>(pool_max4(t00[d], t01[d], t10[d], t11[d]));
+    const scalar_t pooled_value = pool_max4(t00[d], t01[d], t10[d], t11[d]);
+    dst[d] = bias == nullptr ? static_cast<float>(pooled_value) : add_rounded(pooled_value, bias[d]);
   }
 }
 
-// Key j and value j of a head from one token: keys_t[:, j] (transposed) and values[j, :].
+// Key j and value j of a head from one token: keys_t[:, j] (transposed) and values[j, :], plus the head's k and v
+// biases unless they are null.
 template <typename scalar_t>
 inline void read_key_value(
     const scalar_t* token, int64_t key_offset, int64_t value_offset, int64_t head_dim, int64_t j,
-    const AttentionShape& shape, float* keys_t, float* values) {
+    const AttentionShape& shape, const scalar_t* key_bias, const scalar_t* value_bias, float* keys_t,
+    float* values) {
   const int64_t key_stride = shape.key_stride();
-  for (int64_t d = 0; d < head_dim; ++d) keys_t[d * key_stride + j] = static_cast<float>(token[key_offset + d]);
-  float* value_row = values + j * shape.value_stride();
-  for (int64_t d = 0; d < head_dim; ++d) value_row[d] = static_cast<float>(token[value_offset + d]);
+  const scalar_t* key = token + key_offset;
+  if (key_bias == nullptr) {
+    for (int64_t d = 0; d < head_dim; ++d) keys_t[d * key_stride + j] = static_cast<float>(key[d]);
+  } else {
+    for (int64_t d = 0; d < head_dim; ++d) keys_t[d * key_stride + j] = add_rounded(key[d], key_bias[d]);
+  }
+  read_channels(token + value_offset, value_bias, head_dim, values + j * shape.value_stride());
 }
 
 // Checks a (B, H, W, 3 * dim) qkv map and returns it with contiguous channels.
@@ -93,7 +121,7 @@ inline at::Tensor checked_qkv(const at::Tensor& qkv, int64_t num_heads, const ch
 
 at::Tensor window_attention_cpu(
     const at::Tensor& qkv_in, const std::optional<at::Tensor>& qkv_bias, int64_t num_heads, int64_t window_size,
-    bool q_pool) {
+    bool q_pool, bool add_bias) {
   const at::Tensor qkv = checked_qkv(qkv_in, num_heads, "window_attention");
   TORCH_CHECK(window_size > 0, "window_attention: expected a positive window_size, got ", window_size);
   // An odd window would pool to fewer rows than H // 2 (each window drops its last row), a case Hiera never has.
@@ -101,14 +129,17 @@ at::Tensor window_attention_cpu(
               window_size);
   const int64_t batch = qkv.size(0), height = qkv.size(1), width = qkv.size(2), dim = qkv.size(3) / 3;
   const int64_t head_dim = dim / num_heads;
-  at::Tensor fill;
+  TORCH_CHECK(!add_bias || qkv_bias.has_value(), "window_attention: add_bias needs a qkv_bias, got None");
+  // The padding tokens read as `fill`; with add_bias they read as zeros and get the bias added like every token.
+  at::Tensor fill, bias;
   if (qkv_bias.has_value()) {
     TORCH_CHECK(qkv_bias->dim() == 1 && qkv_bias->size(0) == 3 * dim,
                 "window_attention: expected qkv_bias of shape (", 3 * dim, ",), got ", qkv_bias->sizes());
-    fill = qkv_bias->to(qkv.scalar_type()).contiguous();  // rounded to qkv's dtype, as the reference pads
-  } else {
-    fill = at::zeros({3 * dim}, qkv.options());
+    TORCH_CHECK(qkv_bias->device() == qkv.device(), "window_attention: qkv_bias is on ", qkv_bias->device(),
+                ", qkv on ", qkv.device());
+    bias = qkv_bias->to(qkv.scalar_type()).contiguous();  // rounded to qkv's dtype, as the reference pads
   }
+  fill = (bias.defined() && !add_bias) ? bias : at::zeros({3 * dim}, qkv.options());
   const int64_t rows = (height + window_size - 1) / window_size, cols = (width + window_size - 1) / window_size;
   const int64_t out_window = q_pool ? window_size / 2 : window_size;
   const int64_t out_h = q_pool ? height / 2 : height, out_w = q_pool ? width / 2 : width;
@@ -118,13 +149,25 @@ at::Tensor window_attention_cpu(
   const AttentionShape shape{out_window * out_window, window_size * window_size, head_dim};
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
   const int64_t num_tasks = batch * rows * cols * num_heads;
-  const int64_t task_cost = shape.num_queries * shape.num_keys * head_dim;
+  // The rows and columns of output that window (row, col) keeps after the crop (<= 0: none; with q_pool a window
+  // holding a single row or column of the map pools to nothing).
+  const auto kept_extent = [&](int64_t row, int64_t col) -> std::pair<int64_t, int64_t> {
+    return {std::min(out_window, out_h - row * out_window), std::min(out_window, out_w - col * out_window)};
+  };
+  // Attention of the kept queries plus reading the window's keys and values.
+  const auto task_cost = [&](int64_t task) -> int64_t {
+    const int64_t window = task / num_heads;
+    const auto [kept_h, kept_w] = kept_extent((window / cols) % rows, window % cols);
+    const int64_t kept_queries = kept_h > 0 && kept_w > 0 ? kept_h * kept_w : 0;
+    return (kept_queries + 2) * shape.num_keys * head_dim;
+  };
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "window_attention_cpu", [&] {
     const TokenReader<scalar_t> reader{qkv.const_data_ptr<scalar_t>(), fill.const_data_ptr<scalar_t>(),
                                        qkv.stride(0), qkv.stride(1), qkv.stride(2), height, width};
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, num_tasks, grain_for(task_cost, 1 << 18), [&](int64_t begin, int64_t end) {
+    const scalar_t* added_bias = add_bias ? bias.const_data_ptr<scalar_t>() : nullptr;
+    parallel_for_balanced(num_tasks, 1 << 18, task_cost, [&](int64_t begin, int64_t end) {
       // Zero-initialized once: the padding rows and columns stay zero, as attention_f32 expects.
       std::vector<float> queries(shape.query_rows() * head_dim);
       std::vector<float> keys_t(head_dim * shape.key_stride());
@@ -136,28 +179,29 @@ at::Tensor window_attention_cpu(
         const int64_t col = window % cols, row = (window / cols) % rows, b = window / (cols * rows);
         const int64_t y0 = row * window_size, x0 = col * window_size;
         const int64_t q_offset = head * head_dim, k_offset = dim + q_offset, v_offset = 2 * dim + q_offset;
+        const scalar_t* q_bias = added_bias == nullptr ? nullptr : added_bias + q_offset;
+        const scalar_t* k_bias = added_bias == nullptr ? nullptr : added_bias + k_offset;
+        const scalar_t* v_bias = added_bias == nullptr ? nullptr : added_bias + v_offset;
         if (head == 0 && window + 1 < batch * rows * cols) {
           const int64_t next_col = (window + 1) % cols, next_row = ((window + 1) / cols) % rows;
           reader.prefetch_window((window + 1) / (cols * rows), next_row * window_size, next_col * window_size,
                                  window_size, 3 * dim);
         }
         // Only the queries that survive the crop are computed (padding tokens still attend as keys): in a window
-        // that overhangs the map, query (qy, qx) is row qy * valid_w + qx of the packed problem. With q_pool a
-        // window holding a single row or column of the map pools to nothing.
-        const int64_t valid_h = std::min(out_window, out_h - row * out_window);
-        const int64_t valid_w = std::min(out_window, out_w - col * out_window);
+        // that overhangs the map, query (qy, qx) is row qy * valid_w + qx of the packed problem.
+        const auto [valid_h, valid_w] = kept_extent(row, col);
         if (valid_h <= 0 || valid_w <= 0) continue;
         for (int64_t wy = 0; wy < window_size; ++wy) {
           for (int64_t wx = 0; wx < window_size; ++wx) {
             read_key_value(reader.token(b, y0 + wy, x0 + wx), k_offset, v_offset, head_dim, wy * window_size + wx,
-                           shape, keys_t.data(), values.data());
+                           shape, k_bias, v_bias, keys_t.data(), values.data());
           }
         }
         const AttentionShape task_shape{valid_h * valid_w, shape.num_keys, head_dim};
         const int64_t step = q_pool ? 2 : 1;
         for (int64_t qy = 0; qy < valid_h; ++qy) {
           for (int64_t qx = 0; qx < valid_w; ++qx) {
-            read_query(reader, b, y0 + step * qy, x0 + step * qx, q_pool, q_offset, head_dim,
+            read_query(reader, b, y0 + step * qy, x0 + step * qx, q_pool, q_offset, head_dim, q_bias,
                        queries.data() + (qy * valid_w + qx) * head_dim);
           }
         }

@@ -232,9 +232,14 @@ def check_qkv(qkv: torch.Tensor, num_heads: int, op: str) -> int:
 
 
 def window_attention(
-    qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], num_heads: int, window_size: int, q_pool: bool
+    qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], num_heads: int, window_size: int, q_pool: bool,
+    add_bias: bool = False,
 ) -> torch.Tensor:
-    """Triton launcher of ``sam2_fast.torch_ops.window_attention``: same arguments, same (B, H', W', dim) result."""
+    """Triton launcher of ``sam2_fast.torch_ops.window_attention``: same arguments, same (B, H', W', dim) result.
+
+    ``add_bias`` adds the bias in a separate pass before the kernel: on GPU the qkv GEMM adds its bias in its
+    epilogue for free, so the model never asks for it there.
+    """
     head_dim = check_qkv(qkv, num_heads, "window_attention")
     if window_size < 1 or (q_pool and window_size % 2):
         raise ValueError(
@@ -248,6 +253,10 @@ def window_attention(
         if qkv_bias.device != qkv.device:
             raise ValueError(f"window_attention: qkv_bias is on {qkv_bias.device}, qkv on {qkv.device}")
         qkv_bias = qkv_bias.to(qkv.dtype).contiguous()
+        if add_bias:
+            qkv = qkv + qkv_bias
+    elif add_bias:
+        raise ValueError("window_attention: add_bias=True needs a qkv_bias, got None")
     if qkv.stride(3) != 1:
         qkv = qkv.contiguous()
     out_height, out_width = (height // 2, width // 2) if q_pool else (height, width)

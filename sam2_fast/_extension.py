@@ -40,7 +40,7 @@ def _load() -> Tuple[Optional[str], Tuple[str, ...]]:
 def _register_fakes() -> None:
     """Fake (meta) implementations of the sam2_fast_ext ops, the same as the sam2_fast custom ops'."""
     torch.library.register_fake("sam2_fast_ext::window_attention")(
-        lambda qkv, qkv_bias, num_heads, window_size, q_pool: op_shapes.window_attention_output(
+        lambda qkv, qkv_bias, num_heads, window_size, q_pool, add_bias=False: op_shapes.window_attention_output(
             qkv, num_heads, window_size, q_pool
         )
     )

@@ -55,10 +55,16 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return torch.ops.aten.gelu_(out)
 
 
+def adds_in_fp32(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``linear(x, weight)`` computes and returns fp32, so that adding its bias (or a residual) after the
+    GEMM rounds as adding it inside the GEMM does; a low-precision result would be rounded twice."""
+    return not torch.is_autocast_enabled(x.device.type) and x.dtype == weight.dtype == torch.float32
+
+
 def _folds_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> bool:
     return (
-        not torch.is_autocast_enabled(x.device.type)
-        and x.dtype == weight.dtype == residual.dtype == torch.float32
+        adds_in_fp32(x, weight)
+        and residual.dtype == torch.float32
         and residual.shape[-1] == weight.shape[0]
         and residual.shape[:-1] == x.shape[:-1]
     )

@@ -196,13 +196,14 @@ def _fast_impl(op: str, backend: str) -> Callable:
 
 @torch.library.custom_op("sam2_fast::window_attention", mutates_args=())
 def _window_attention_op(
-    qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], num_heads: int, window_size: int, q_pool: bool, backend: str
+    qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], num_heads: int, window_size: int, q_pool: bool,
+    add_bias: bool, backend: str,
 ) -> torch.Tensor:
-    return _fast_impl("window_attention", backend)(qkv, qkv_bias, num_heads, window_size, q_pool).contiguous()
+    return _fast_impl("window_attention", backend)(qkv, qkv_bias, num_heads, window_size, q_pool, add_bias).contiguous()
 
 
 @_window_attention_op.register_fake
-def _(qkv, qkv_bias, num_heads, window_size, q_pool, backend):
+def _(qkv, qkv_bias, num_heads, window_size, q_pool, add_bias, backend):
     return op_shapes.window_attention_output(qkv, num_heads, window_size, q_pool)
 
 
@@ -284,7 +285,7 @@ def _register_recompute_backward(custom_op, torch_fn: Callable, tensor_args: Tup
 
 _register_recompute_backward(
     _window_attention_op, torch_ops.window_attention, ("qkv", "qkv_bias"),
-    ("qkv", "qkv_bias", "num_heads", "window_size", "q_pool", "backend"),
+    ("qkv", "qkv_bias", "num_heads", "window_size", "q_pool", "add_bias", "backend"),
 )
 _register_recompute_backward(
     _global_attention_op, torch_ops.global_attention, ("qkv",), ("qkv", "num_heads", "q_pool", "backend")
@@ -299,11 +300,20 @@ _register_recompute_backward(
 # What the model calls.
 
 def window_attention(
-    qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], num_heads: int, window_size: int, q_pool: bool
+    qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], num_heads: int, window_size: int, q_pool: bool,
+    add_bias: bool = False,
 ) -> torch.Tensor:
-    """Windowed attention of a (B, H, W, 3 * dim) qkv map -> (B, H', W', dim); see torch_ops.window_attention."""
+    """Windowed attention of a (B, H, W, 3 * dim) qkv map -> (B, H', W', dim); see torch_ops.window_attention.
+
+    ``add_bias``: ``qkv`` lacks its bias and the op adds ``qkv_bias`` (fused into the token reads where
+    :func:`window_attention_adds_bias` says so, else as a separate add).
+    """
     backend = resolve_backend("window_attention", qkv.device.type)
     if backend == "torch":
+        if add_bias:
+            if qkv_bias is None:
+                raise ValueError("window_attention: add_bias=True needs a qkv_bias, got None")
+            qkv, add_bias = qkv + qkv_bias.to(qkv.dtype), False
         dtype = emulated_attention_dtype(qkv)
         if dtype is not None:
             with torch.autocast("cpu", enabled=False):
@@ -312,7 +322,13 @@ def window_attention(
                 )
             return out.to(dtype)
         return torch_ops.window_attention(qkv, qkv_bias, num_heads, window_size, q_pool)
-    return _window_attention_op(qkv, qkv_bias, num_heads, window_size, q_pool, backend)
+    return _window_attention_op(qkv, qkv_bias, num_heads, window_size, q_pool, add_bias, backend)
+
+
+def window_attention_adds_bias(device_type: str) -> bool:
+    """Whether window_attention on ``device_type`` adds the qkv bias while reading the tokens, so that a caller
+    gains by handing it the projection without its bias (``add_bias=True``): the CPU extension does."""
+    return device_type == "cpu" and resolve_backend("window_attention", device_type) == "extension"
 
 
 def global_attention(qkv: torch.Tensor, num_heads: int, q_pool: bool) -> torch.Tensor:

@@ -30,7 +30,8 @@ def _split_heads_pool_q(qkv: torch.Tensor, num_heads: int, q_pool: bool):
 
 
 def window_attention(
-    qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], num_heads: int, window_size: int, q_pool: bool
+    qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], num_heads: int, window_size: int, q_pool: bool,
+    add_bias: bool = False,
 ) -> torch.Tensor:
     """Windowed multi-head attention of Hiera, with partition, padding, q-pooling and unpartition.
 
@@ -38,7 +39,14 @@ def window_attention(
     reference pads the normed input with zeros before the qkv projection) and attend unmasked. With ``q_pool``,
     q is max-pooled 2x2 inside each window and the output lands at (H // 2, W // 2), the shape of the pooled
     shortcut the reference crops to.
+
+    With ``add_bias``, ``qkv`` is the projection without its bias and ``qkv_bias`` (cast to qkv's dtype) is added
+    to it first: a backend that adds it while reading the tokens saves the GEMM a pass over the qkv map.
     """
+    if add_bias:
+        if qkv_bias is None:
+            raise ValueError("window_attention: add_bias=True needs a qkv_bias, got None")
+        qkv = qkv + qkv_bias.to(qkv.dtype)
     if q_pool and window_size % 2:
         raise ValueError(
             f"q_pool pools 2x2 inside each window and needs an even window_size, got {window_size} "

@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import sam2_fast
 from sam2_fast import _extension, ops, torch_ops
@@ -206,6 +207,35 @@ def test_window_attention_low_precision(case, dtype):
     assert_low_precision_error(f"window_attention {dtype} {case}", ours, plain, reference)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=str)
+def test_window_attention_adds_bias_as_it_reads(case, dtype):
+    # add_bias=True on the bare projection is the same computation as add_bias=False on `qkv + bias` in qkv's dtype,
+    # bit for bit: the kernel rounds each sum to the dtype, and pooling q before the add equals pooling after it
+    # (rounding is monotonic). Padding tokens read as the bias either way.
+    batch, height, width, num_heads, head_dim, window_size, q_pool = case
+    qkv, bias = _attention_inputs(batch, height, width, num_heads, head_dim, "hw_transposed", True, dtype)
+    biased = qkv + bias
+    torch.testing.assert_close(
+        EXT.window_attention(qkv, bias, num_heads, window_size, q_pool, True),
+        EXT.window_attention(biased, bias, num_heads, window_size, q_pool, False),
+        atol=0, rtol=0,
+    )
+    if dtype == torch.float32:
+        assert_close_verbose(
+            EXT.window_attention(qkv, bias, num_heads, window_size, q_pool, True),
+            torch_ops.window_attention(qkv, bias, num_heads, window_size, q_pool, True).contiguous(),
+            name="window_attention add_bias", **ATTENTION_FP32_TOL,
+        )
+
+
+def test_window_attention_add_bias_needs_a_bias():
+    with pytest.raises(RuntimeError, match="add_bias needs a qkv_bias"):
+        EXT.window_attention(torch.randn(1, 4, 4, 24), None, 2, 4, False, True)
+    with pytest.raises(ValueError, match="add_bias=True needs a qkv_bias"):
+        torch_ops.window_attention(torch.randn(1, 4, 4, 24), None, 2, 4, False, True)
+
+
 GLOBAL_CASES = [
     (1, 8, 8, 1, 12, False), (2, 13, 7, 3, 7, False), (3, 5, 11, 2, 9, False), (1, 24, 16, 1, 96, False),
     (2, 9, 13, 2, 5, True), (1, 16, 16, 4, 24, True),
@@ -259,6 +289,8 @@ def _opcheck_samples():
                      id="sine_position_encoding"),
         pytest.param(EXT.window_attention, (torch.randn(2, 9, 6, 30), bias, 2, 4, False), id="window_attention"),
         pytest.param(EXT.window_attention, (torch.randn(1, 9, 10, 30), None, 2, 4, True), id="window_attention_q_pool"),
+        pytest.param(EXT.window_attention, (torch.randn(1, 9, 10, 30), bias, 2, 4, True, True),
+                     id="window_attention_add_bias"),
         pytest.param(EXT.global_attention, (torch.randn(2, 5, 6, 30), 2, False), id="global_attention"),
         pytest.param(EXT.global_attention, (torch.randn(1, 7, 6, 30), 2, True), id="global_attention_q_pool"),
     ]
@@ -270,7 +302,7 @@ def test_opcheck(op, args):
 
 
 def test_every_op_has_a_cpu_kernel_and_opcheck_sample():
-    ids = {sample.id.removesuffix("_q_pool") for sample in _opcheck_samples()}
+    ids = {sample.id.removesuffix("_q_pool").removesuffix("_add_bias") for sample in _opcheck_samples()}
     assert ids == set(ops.OPS)
     for name in ops.OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"sam2_fast_ext::{name}", "CPU") or \
@@ -316,12 +348,50 @@ def test_op_layer_runs_the_extension():
                              name="ops.sine_position_encoding")
 
 
-def test_op_layer_gradients_flow_through_the_extension():
+@pytest.mark.parametrize("add_bias", [False, True])
+def test_op_layer_gradients_flow_through_the_extension(add_bias):
     qkv = torch.randn(1, 9, 6, 3 * 2 * 5, requires_grad=True)
     bias = torch.randn(3 * 2 * 5, requires_grad=True)
     with sam2_fast.use_backend("extension"):
-        ops.window_attention(qkv, bias, 2, 4, False).sum().backward()
+        ops.window_attention(qkv, bias, 2, 4, False, add_bias).sum().backward()
     expected_qkv, expected_bias = torch.autograd.grad(
-        torch_ops.window_attention(qkv, bias, 2, 4, False).sum(), [qkv, bias])
+        torch_ops.window_attention(qkv, bias, 2, 4, False, add_bias).sum(), [qkv, bias])
     assert_close_verbose(qkv.grad, expected_qkv, atol=1e-5, rtol=1e-5, name="qkv.grad")
     assert_close_verbose(bias.grad, expected_bias, atol=1e-5, rtol=1e-5, name="qkv_bias.grad")
+
+
+@pytest.mark.parametrize("backend", ["torch", "extension"])
+def test_op_layer_add_bias_on_every_cpu_backend(backend):
+    qkv = channels_last_map(2, 11, 9, 3 * 2 * 9, "cpu", "hw_transposed")
+    bias = torch.randn(3 * 2 * 9)
+    with sam2_fast.use_backend(backend):
+        assert ops.window_attention_adds_bias("cpu") == (backend == "extension")
+        assert_close_verbose(ops.window_attention(qkv, bias, 2, 8, True, add_bias=True),
+                             torch_ops.window_attention(qkv + bias, bias, 2, 8, True).contiguous(),
+                             name=f"ops.window_attention add_bias ({backend})", **ATTENTION_FP32_TOL)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_windowed_block_hands_the_qkv_bias_to_the_extension_in_fp32_only(monkeypatch, autocast):
+    # fp32: the qkv GEMM leaves out its bias and the attention op adds it. Under bf16 autocast the GEMM's output is
+    # rounded to bf16, so adding the bias afterwards would round twice: the GEMM keeps it.
+    from sam2_fast.hiera import MultiScaleAttention
+
+    calls = []
+    window_attention = ops.window_attention
+
+    def spy(qkv, qkv_bias, num_heads, window_size, q_pool, add_bias=False):
+        calls.append(add_bias)
+        return window_attention(qkv, qkv_bias, num_heads, window_size, q_pool, add_bias)
+
+    monkeypatch.setattr(ops, "window_attention", spy)
+    attention = MultiScaleAttention(24, 24, num_heads=2).eval()
+    x = torch.randn(1, 9, 10, 24)
+    with sam2_fast.use_backend("extension"), torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        out = attention(x, window_size=4)
+        expected_qkv = F.linear(x, attention.qkv.weight, attention.qkv.bias)
+        expected = F.linear(torch_ops.window_attention(expected_qkv, attention.qkv.bias, 2, 4, False),
+                            attention.proj.weight, attention.proj.bias)
+    assert calls == [not autocast]
+    if not autocast:
+        assert_close_verbose(out, expected, name="windowed attention block", **ATTENTION_FP32_TOL)

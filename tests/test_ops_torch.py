@@ -96,7 +96,8 @@ def test_sine_position_encoding_matches_sam2(size):
 
 OPCHECK_CASES = {
     "window_attention": lambda: (torch.randn(1, 5, 3, 3 * 4, dtype=torch.float64, requires_grad=True),
-                                 torch.randn(3 * 4, dtype=torch.float64, requires_grad=True), 2, 4, True, "torch"),
+                                 torch.randn(3 * 4, dtype=torch.float64, requires_grad=True), 2, 4, True, True,
+                                 "torch"),
     "global_attention": lambda: (torch.randn(1, 4, 6, 3 * 8, dtype=torch.float64, requires_grad=True), 2, True, "torch"),
     "maxpool2x2": lambda: (torch.randn(2, 5, 7, 3, dtype=torch.float64, requires_grad=True), "torch"),
     "fpn_upsample_add": lambda: (torch.randn(1, 3, 4, 6, dtype=torch.float64, requires_grad=True),
@@ -121,12 +122,13 @@ def test_q_pool_needs_even_window():
         ops.window_attention(torch.zeros(1, 21, 14, 12), None, 1, 7, True)
 
 
-def test_custom_op_gradients_match_torch_path():
+@pytest.mark.parametrize("add_bias", [False, True])
+def test_custom_op_gradients_match_torch_path(add_bias):
     # The recompute backward of the custom ops gives the torch implementation's gradients.
     qkv = torch.randn(1, 6, 5, 3 * 8, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(3 * 8, dtype=torch.float64, requires_grad=True)
     torch.autograd.gradcheck(
-        lambda q, b: torch.ops.sam2_fast.window_attention(q, b, 2, 4, True, "torch"), (qkv, bias)
+        lambda q, b: torch.ops.sam2_fast.window_attention(q, b, 2, 4, True, add_bias, "torch"), (qkv, bias)
     )
     # fpn_upsample_add upsamples in float32 (as the reference does), too coarse for finite differences:
     # compare its gradients with autograd's through the torch implementation instead.

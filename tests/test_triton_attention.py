@@ -137,6 +137,17 @@ def test_window_attention_through_op_layer():
     assert_close_verbose(actual, expected, FP32_ATOL, FP32_RTOL, "ops.window_attention")
 
 
+def test_window_attention_add_bias():
+    # The launcher adds the bias before the kernel (on GPU the model keeps it in the qkv GEMM's epilogue instead).
+    qkv = _qkv(2, 5, 11, 72, torch.float32, "sliced", 52)
+    bias = _random((72,), torch.float32, 53)
+    actual = window_attention(qkv, bias, 2, 4, True, add_bias=True)
+    expected = torch_ops.window_attention(qkv + bias, bias, 2, 4, True)
+    assert_close_verbose(actual, expected, FP32_ATOL, FP32_RTOL, "window_attention add_bias")
+    with pytest.raises(ValueError, match="add_bias=True needs a qkv_bias"):
+        window_attention(qkv, None, 2, 4, True, add_bias=True)
+
+
 @pytest.mark.parametrize(
     "dtype, has_bias", [(torch.float32, True), (torch.float32, False), (torch.bfloat16, True)], ids=str
 )
@@ -145,7 +156,7 @@ def test_window_attention_opcheck(dtype, has_bias):
     requires_grad = dtype == torch.float32
     qkv = _qkv(1, 5, 3, 36, dtype, "sliced", 60).requires_grad_(requires_grad)
     bias = _random((36,), dtype, 61).requires_grad_(requires_grad) if has_bias else None
-    torch.library.opcheck(torch.ops.sam2_fast.window_attention.default, (qkv, bias, 2, 4, True, "triton"))
+    torch.library.opcheck(torch.ops.sam2_fast.window_attention.default, (qkv, bias, 2, 4, True, False, "triton"))
 
 
 def test_window_attention_compiles_fullgraph():
