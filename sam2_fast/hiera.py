@@ -368,7 +368,10 @@ class Hiera(nn.Module):
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         self.check_input(x)
         x = self.patch_embed(x)
-        x = x + self._get_pos_embed(x.shape[1:3])
+        pos_embed = self._get_pos_embed(x.shape[1:3])
+        # In place on the patch embedding's fresh output (its convolution's backward does not need it), unless the
+        # sum promotes (a bf16 embedding under autocast plus the fp32 table is fp32, as in the reference).
+        x = x.add_(pos_embed) if x.dtype == pos_embed.dtype else x + pos_embed
         outputs = []
         for i, block in enumerate(self.blocks):
             x = block(x)

@@ -299,6 +299,20 @@ _register_recompute_backward(
 # ----------------------------------------------------------------------------------------------------------------
 # What the model calls.
 
+def _run(op: str, custom_op, backend: str, tensors: Tuple[Optional[torch.Tensor], ...], *args):
+    """``custom_op(*args, backend)``; in eager inference on plain tensors, the backend's kernel directly.
+
+    The custom op's Python wrapper (about 0.1 ms a call) is what tracing (torch.compile, torch.export) and autograd
+    need; a forward with neither, on tensors that are not fake or functional wrappers, skips it.
+    """
+    if (
+        torch.compiler.is_compiling()
+        or any(t is not None and (type(t) is not torch.Tensor or t.requires_grad) for t in tensors)
+    ):
+        return custom_op(*args, backend)
+    return _fast_impl(op, backend)(*args).contiguous()
+
+
 def window_attention(
     qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], num_heads: int, window_size: int, q_pool: bool,
     add_bias: bool = False,
@@ -322,7 +336,8 @@ def window_attention(
                 )
             return out.to(dtype)
         return torch_ops.window_attention(qkv, qkv_bias, num_heads, window_size, q_pool)
-    return _window_attention_op(qkv, qkv_bias, num_heads, window_size, q_pool, add_bias, backend)
+    return _run("window_attention", _window_attention_op, backend, (qkv, qkv_bias),
+                qkv, qkv_bias, num_heads, window_size, q_pool, add_bias)
 
 
 def window_attention_adds_bias(device_type: str) -> bool:
@@ -341,7 +356,7 @@ def global_attention(qkv: torch.Tensor, num_heads: int, q_pool: bool) -> torch.T
                 out = torch_ops.global_attention(qkv.float(), num_heads, q_pool)
             return out.to(dtype)
         return torch_ops.global_attention(qkv, num_heads, q_pool)
-    return _global_attention_op(qkv, num_heads, q_pool, backend)
+    return _run("global_attention", _global_attention_op, backend, (qkv,), qkv, num_heads, q_pool)
 
 
 def maxpool2x2(x: torch.Tensor) -> torch.Tensor:
@@ -349,7 +364,7 @@ def maxpool2x2(x: torch.Tensor) -> torch.Tensor:
     backend = resolve_backend("maxpool2x2", x.device.type)
     if backend == "torch":
         return torch_ops.maxpool2x2(x)
-    return _maxpool2x2_op(x, backend)
+    return _run("maxpool2x2", _maxpool2x2_op, backend, (x,), x)
 
 
 def fpn_upsample_add(lateral: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
@@ -357,7 +372,7 @@ def fpn_upsample_add(lateral: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     backend = resolve_backend("fpn_upsample_add", lateral.device.type)
     if backend == "torch":
         return torch_ops.fpn_upsample_add(lateral, prev)
-    return _fpn_upsample_add_op(lateral, prev, backend)
+    return _run("fpn_upsample_add", _fpn_upsample_add_op, backend, (lateral, prev), lateral, prev)
 
 
 def sine_position_encoding(

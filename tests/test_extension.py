@@ -395,3 +395,19 @@ def test_windowed_block_hands_the_qkv_bias_to_the_extension_in_fp32_only(monkeyp
     assert calls == [not autocast]
     if not autocast:
         assert_close_verbose(out, expected, name="windowed attention block", **ATTENTION_FP32_TOL)
+
+
+def test_eager_inference_calls_the_kernel_and_autograd_the_custom_op(monkeypatch):
+    # The custom op's Python wrapper is for tracing and autograd; plain eager inference skips it.
+    def custom_op(*args):
+        raise AssertionError("custom op called")
+
+    monkeypatch.setattr(ops, "_window_attention_op", custom_op)
+    qkv = torch.randn(1, 9, 6, 3 * 2 * 5)
+    bias = torch.randn(3 * 2 * 5)
+    with sam2_fast.use_backend("extension"):
+        assert_close_verbose(ops.window_attention(qkv, bias, 2, 4, False),
+                             torch_ops.window_attention(qkv, bias, 2, 4, False).contiguous(),
+                             name="eager window_attention", **ATTENTION_FP32_TOL)
+        with pytest.raises(AssertionError, match="custom op called"):
+            ops.window_attention(qkv.requires_grad_(), bias, 2, 4, False)

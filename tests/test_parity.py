@@ -101,3 +101,15 @@ def test_encoder_cast_to_low_precision(dtype):
         lambda: _run(reference_low, x.to(dtype)),
         lambda: _run(ours_low, x.to(dtype)),
     )
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+def test_autocast_trunk_stages_keep_the_reference_dtypes(autocast_dtype):
+    # Under autocast the reference's residual stream is fp32 (a low-precision patch embedding plus the fp32
+    # positional table promotes); ours must promote the same way, not keep the embedding's dtype.
+    reference, ours = encoder_pair("sam2.1_hiera_tiny")
+    x = torch.randn(1, 3, 96, 160, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), torch.autocast("cpu", dtype=autocast_dtype):
+        expected, actual = reference.trunk(x), ours.trunk(x)
+    assert [t.dtype for t in actual] == [t.dtype for t in expected]
+    assert [t.shape for t in actual] == [t.shape for t in expected]
