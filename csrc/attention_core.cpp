@@ -79,7 +79,7 @@ SAM2_FAST_INLINE void block_matmul(
 SAM2_FAST_MULTIVERSION
 void attention_f32(
     const AttentionShape& shape, float scale, const float* queries, const float* keys_t, const float* values,
-    float* scores, float* inverse_sums, float* out) {
+    const float* key_logit_offsets, float* scores, float* inverse_sums, float* out) {
   const int64_t query_rows = shape.query_rows(), key_stride = shape.key_stride();
   const int64_t value_stride = shape.value_stride(), head_dim = shape.head_dim, num_keys = shape.num_keys;
   const float row_scales[kQueryBlock] = {scale, scale, scale, scale};
@@ -96,6 +96,9 @@ void attention_f32(
   // Softmax per row, left unnormalized: the 1 / sum is applied to the output rows.
   for (int64_t i = 0; i < query_rows; ++i) {
     float* row = scores + i * key_stride;
+    if (key_logit_offsets != nullptr) {
+      for (int64_t j = 0; j < num_keys; ++j) row[j] += key_logit_offsets[j];
+    }
     for (int64_t j = num_keys; j < key_stride; ++j) row[j] = -INFINITY;
     vec8 max_vec = broadcast(-INFINITY);
     for (int64_t j = 0; j < key_stride; j += kLanes) {

@@ -27,10 +27,11 @@ struct AttentionShape {
   int64_t value_stride() const { return round_up(head_dim, kColumnBlock); }
 };
 
-// out = softmax(queries @ keys_t * scale) @ values, accumulated in fp32 (no mask). Compiled for AVX2+FMA and for the
-// baseline ISA, picked at load time.
+// out = softmax(queries @ keys_t * scale + key_logit_offsets) @ values, accumulated in fp32 (no mask).
+// key_logit_offsets (num_keys,) may be null (all zero); an offset of log(n) makes a key count as n identical keys.
+// Compiled for AVX2+FMA and for the baseline ISA, picked at load time.
 void attention_f32(
     const AttentionShape& shape, float scale, const float* queries, const float* keys_t, const float* values,
-    float* scores, float* inverse_sums, float* out);
+    const float* key_logit_offsets, float* scores, float* inverse_sums, float* out);
 
 }  // namespace sam2_fast

@@ -9,6 +9,8 @@
 //
 // Fuses the window partition with padding, the 2x2 max-pool of q inside each window, the attention (fp32
 // accumulation, scale 1 / sqrt(head_dim)) and the unpartition with its crop: no intermediate copies of the map.
+// The padding tokens of a window are all the same token, so they enter its softmax as one key weighted by their
+// count (exp(s + log(count)) = count * exp(s)): windows that overhang the map do only their real tokens' work.
 // One task is one (window, head); the (B * rows * cols * num_heads) tasks are split between the threads by cost
 // (the queries a window keeps after the crop times its keys), so that overhanging windows do not idle a thread.
 
@@ -168,12 +170,13 @@ at::Tensor window_attention_cpu(
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     const scalar_t* added_bias = add_bias ? bias.const_data_ptr<scalar_t>() : nullptr;
     parallel_for_balanced(num_tasks, 1 << 18, task_cost, [&](int64_t begin, int64_t end) {
-      // Zero-initialized once: the padding rows and columns stay zero, as attention_f32 expects.
+      // Sized for a full window; each task zeroes the padding its own shape leaves, as attention_f32 expects.
       std::vector<float> queries(shape.query_rows() * head_dim);
       std::vector<float> keys_t(head_dim * shape.key_stride());
       std::vector<float> values(shape.num_keys * shape.value_stride());
       std::vector<float> scores(shape.query_rows() * shape.key_stride()), inverse_sums(shape.query_rows());
       std::vector<float> result(shape.query_rows() * shape.value_stride());
+      std::vector<float> key_logit_offsets(shape.num_keys, 0.0f);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t head = task % num_heads, window = task / num_heads;
         const int64_t col = window % cols, row = (window / cols) % rows, b = window / (cols * rows);
@@ -191,13 +194,25 @@ at::Tensor window_attention_cpu(
         // that overhangs the map, query (qy, qx) is row qy * valid_w + qx of the packed problem.
         const auto [valid_h, valid_w] = kept_extent(row, col);
         if (valid_h <= 0 || valid_w <= 0) continue;
-        for (int64_t wy = 0; wy < window_size; ++wy) {
-          for (int64_t wx = 0; wx < window_size; ++wx) {
-            read_key_value(reader.token(b, y0 + wy, x0 + wx), k_offset, v_offset, head_dim, wy * window_size + wx,
-                           shape, k_bias, v_bias, keys_t.data(), values.data());
+        // Keys: the window's in_h x in_w tokens inside the map, row by row, then its padding tokens as one key.
+        const int64_t in_h = std::min(window_size, height - y0), in_w = std::min(window_size, width - x0);
+        const int64_t padding = window_size * window_size - in_h * in_w;
+        const AttentionShape task_shape{valid_h * valid_w, in_h * in_w + (padding > 0 ? 1 : 0), head_dim};
+        for (int64_t wy = 0; wy < in_h; ++wy) {
+          for (int64_t wx = 0; wx < in_w; ++wx) {
+            read_key_value(reader.token(b, y0 + wy, x0 + wx), k_offset, v_offset, head_dim, wy * in_w + wx,
+                           task_shape, k_bias, v_bias, keys_t.data(), values.data());
           }
         }
-        const AttentionShape task_shape{valid_h * valid_w, shape.num_keys, head_dim};
+        if (padding > 0) {
+          read_key_value(reader.fill, k_offset, v_offset, head_dim, task_shape.num_keys - 1, task_shape, k_bias,
+                         v_bias, keys_t.data(), values.data());
+          key_logit_offsets[task_shape.num_keys - 1] = std::log(static_cast<float>(padding));
+        }
+        for (int64_t d = 0; d < head_dim; ++d) {
+          float* key_row = keys_t.data() + d * task_shape.key_stride();
+          std::fill(key_row + task_shape.num_keys, key_row + task_shape.key_stride(), 0.0f);
+        }
         const int64_t step = q_pool ? 2 : 1;
         for (int64_t qy = 0; qy < valid_h; ++qy) {
           for (int64_t qx = 0; qx < valid_w; ++qx) {
@@ -207,14 +222,16 @@ at::Tensor window_attention_cpu(
         }
         std::fill(queries.begin() + task_shape.num_queries * head_dim,
                   queries.begin() + task_shape.query_rows() * head_dim, 0.0f);
-        attention_f32(task_shape, scale, queries.data(), keys_t.data(), values.data(), scores.data(),
-                      inverse_sums.data(), result.data());
+        attention_f32(task_shape, scale, queries.data(), keys_t.data(), values.data(),
+                      padding > 0 ? key_logit_offsets.data() : nullptr, scores.data(), inverse_sums.data(),
+                      result.data());
+        if (padding > 0) key_logit_offsets[task_shape.num_keys - 1] = 0.0f;
         // Unpartition: query (qy, qx) of this window lands at (row * out_window + qy, col * out_window + qx).
         for (int64_t qy = 0; qy < valid_h; ++qy) {
           const int64_t oy = row * out_window + qy;
           for (int64_t qx = 0; qx < valid_w; ++qx) {
             const int64_t ox = col * out_window + qx;
-            const float* src = result.data() + (qy * valid_w + qx) * shape.value_stride();
+            const float* src = result.data() + (qy * valid_w + qx) * task_shape.value_stride();
             scalar_t* out_token = dst + ((b * out_h + oy) * out_w + ox) * dim + q_offset;
             for (int64_t d = 0; d < head_dim; ++d) out_token[d] = static_cast<scalar_t>(src[d]);
           }
