@@ -299,15 +299,22 @@ _register_recompute_backward(
 # ----------------------------------------------------------------------------------------------------------------
 # What the model calls.
 
+def _is_plain(t: torch.Tensor) -> bool:
+    """A real tensor or parameter: not a fake, functional or other wrapper that tracing substitutes."""
+    return type(t.data if isinstance(t, torch.nn.Parameter) else t) is torch.Tensor
+
+
 def _run(op: str, custom_op, backend: str, tensors: Tuple[Optional[torch.Tensor], ...], *args):
     """``custom_op(*args, backend)``; in eager inference on plain tensors, the backend's kernel directly.
 
     The custom op's Python wrapper (about 0.1 ms a call) is what tracing (torch.compile, torch.export) and autograd
-    need; a forward with neither, on tensors that are not fake or functional wrappers, skips it.
+    need; a forward with neither (no input that needs a gradient, no fake or functional tensors) skips it.
     """
+    present = [t for t in tensors if t is not None]
     if (
         torch.compiler.is_compiling()
-        or any(t is not None and (type(t) is not torch.Tensor or t.requires_grad) for t in tensors)
+        or not all(_is_plain(t) for t in present)
+        or (torch.is_grad_enabled() and any(t.requires_grad for t in present))
     ):
         return custom_op(*args, backend)
     return _fast_impl(op, backend)(*args).contiguous()

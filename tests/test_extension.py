@@ -404,10 +404,13 @@ def test_eager_inference_calls_the_kernel_and_autograd_the_custom_op(monkeypatch
 
     monkeypatch.setattr(ops, "_window_attention_op", custom_op)
     qkv = torch.randn(1, 9, 6, 3 * 2 * 5)
-    bias = torch.randn(3 * 2 * 5)
+    bias = torch.nn.Parameter(torch.randn(3 * 2 * 5))  # as the model passes its qkv bias
     with sam2_fast.use_backend("extension"):
-        assert_close_verbose(ops.window_attention(qkv, bias, 2, 4, False),
-                             torch_ops.window_attention(qkv, bias, 2, 4, False).contiguous(),
-                             name="eager window_attention", **ATTENTION_FP32_TOL)
+        with torch.no_grad():
+            assert_close_verbose(ops.window_attention(qkv, bias, 2, 4, False),
+                                 torch_ops.window_attention(qkv, bias, 2, 4, False).contiguous(),
+                                 name="eager window_attention", **ATTENTION_FP32_TOL)
         with pytest.raises(AssertionError, match="custom op called"):
-            ops.window_attention(qkv.requires_grad_(), bias, 2, 4, False)
+            ops.window_attention(qkv, bias, 2, 4, False)  # the bias needs a gradient
+        with pytest.raises(AssertionError, match="custom op called"):
+            ops.window_attention(qkv.requires_grad_(), bias.detach(), 2, 4, False)
