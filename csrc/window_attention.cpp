@@ -156,18 +156,21 @@ at::Tensor window_attention_cpu(
   const auto kept_extent = [&](int64_t row, int64_t col) -> std::pair<int64_t, int64_t> {
     return {std::min(out_window, out_h - row * out_window), std::min(out_window, out_w - col * out_window)};
   };
-  // The keys of window (row, col): its tokens inside the map, plus one for all its padding tokens if it has any.
-  const auto window_keys = [&](int64_t row, int64_t col) -> int64_t {
-    const int64_t in_h = std::min(window_size, height - row * window_size);
-    const int64_t in_w = std::min(window_size, width - col * window_size);
+  // The rows and columns of window (row, col) inside the map; the rest of its tokens are padding.
+  const auto in_map_extent = [&](int64_t row, int64_t col) -> std::pair<int64_t, int64_t> {
+    return {std::min(window_size, height - row * window_size), std::min(window_size, width - col * window_size)};
+  };
+  // The keys of a window with in_h x in_w tokens in the map: those, plus one for all its padding tokens if any.
+  const auto window_keys = [&](int64_t in_h, int64_t in_w) -> int64_t {
     return in_h * in_w + (in_h * in_w < window_size * window_size ? 1 : 0);
   };
   // Attention of the kept queries plus reading the window's keys and values.
   const auto task_cost = [&](int64_t task) -> int64_t {
     const int64_t window = task / num_heads, row = (window / cols) % rows, col = window % cols;
     const auto [kept_h, kept_w] = kept_extent(row, col);
+    const auto [in_h, in_w] = in_map_extent(row, col);
     const int64_t kept_queries = kept_h > 0 && kept_w > 0 ? kept_h * kept_w : 0;
-    return (kept_queries + 2) * window_keys(row, col) * head_dim;
+    return (kept_queries + 2) * window_keys(in_h, in_w) * head_dim;
   };
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "window_attention_cpu", [&] {
@@ -201,9 +204,9 @@ at::Tensor window_attention_cpu(
         const auto [valid_h, valid_w] = kept_extent(row, col);
         if (valid_h <= 0 || valid_w <= 0) continue;
         // Keys: the window's in_h x in_w tokens inside the map, row by row, then its padding tokens as one key.
-        const int64_t in_h = std::min(window_size, height - y0), in_w = std::min(window_size, width - x0);
+        const auto [in_h, in_w] = in_map_extent(row, col);
         const int64_t padding = window_size * window_size - in_h * in_w;
-        const AttentionShape task_shape{valid_h * valid_w, window_keys(row, col), head_dim};
+        const AttentionShape task_shape{valid_h * valid_w, window_keys(in_h, in_w), head_dim};
         for (int64_t wy = 0; wy < in_h; ++wy) {
           for (int64_t wx = 0; wx < in_w; ++wx) {
             read_key_value(reader.token(b, y0 + wy, x0 + wx), k_offset, v_offset, head_dim, wy * in_w + wx,

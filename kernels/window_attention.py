@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..torch_ops import add_qkv_bias
+
 _LOG2_E = 1.4426950408889634
 # Triton dtypes by torch dtype, for the AOT signatures.
 TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -253,10 +255,8 @@ def window_attention(
         if qkv_bias.device != qkv.device:
             raise ValueError(f"window_attention: qkv_bias is on {qkv_bias.device}, qkv on {qkv.device}")
         qkv_bias = qkv_bias.to(qkv.dtype).contiguous()
-        if add_bias:
-            qkv = qkv + qkv_bias
-    elif add_bias:
-        raise ValueError("window_attention: add_bias=True needs a qkv_bias, got None")
+    if add_bias:
+        qkv = add_qkv_bias(qkv, qkv_bias)
     if qkv.stride(3) != 1:
         qkv = qkv.contiguous()
     out_height, out_width = (height // 2, width // 2) if q_pool else (height, width)

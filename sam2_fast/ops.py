@@ -332,9 +332,7 @@ def window_attention(
     backend = resolve_backend("window_attention", qkv.device.type)
     if backend == "torch":
         if add_bias:
-            if qkv_bias is None:
-                raise ValueError("window_attention: add_bias=True needs a qkv_bias, got None")
-            qkv, add_bias = qkv + qkv_bias.to(qkv.dtype), False
+            qkv = torch_ops.add_qkv_bias(qkv, qkv_bias)
         dtype = emulated_attention_dtype(qkv)
         if dtype is not None:
             with torch.autocast("cpu", enabled=False):

@@ -29,6 +29,13 @@ def _split_heads_pool_q(qkv: torch.Tensor, num_heads: int, q_pool: bool):
     return tuple(t.reshape(num_maps, -1, num_heads, head_dim).transpose(1, 2) for t in (q, k, v))
 
 
+def add_qkv_bias(qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``qkv + qkv_bias`` in qkv's dtype: the map that ``window_attention(..., add_bias=True)`` attends over."""
+    if qkv_bias is None:
+        raise ValueError("window_attention: add_bias=True needs a qkv_bias, got None")
+    return qkv + qkv_bias.to(qkv.dtype)
+
+
 def window_attention(
     qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], num_heads: int, window_size: int, q_pool: bool,
     add_bias: bool = False,
@@ -44,9 +51,7 @@ def window_attention(
     to it first: a backend that adds it while reading the tokens saves the GEMM a pass over the qkv map.
     """
     if add_bias:
-        if qkv_bias is None:
-            raise ValueError("window_attention: add_bias=True needs a qkv_bias, got None")
-        qkv = qkv + qkv_bias.to(qkv.dtype)
+        qkv = add_qkv_bias(qkv, qkv_bias)
     if q_pool and window_size % 2:
         raise ValueError(
             f"q_pool pools 2x2 inside each window and needs an even window_size, got {window_size} "
