@@ -65,9 +65,7 @@ def auto_resolution(device_type: str) -> Dict[str, str]:
 
 def encoder_bases(device_type: str) -> List[str]:
     """``reference`` plus every sam2_fast backend that can run the whole encoder on ``device_type``."""
-    status = sam2_fast.backend_status(device_type)
-    bases = ["reference"]
-    bases += [backend for backend in BACKENDS if all(state == "available" for state in status[backend].values())]
+    bases = ["reference"] + [backend for backend in BACKENDS if ops.runs_whole_encoder(backend, device_type)]
     resolved = set(auto_resolution(device_type).values())
     if not (len(resolved) == 1 and resolved <= set(bases)):
         bases.append("auto")
@@ -83,8 +81,10 @@ def op_backends(op: str, device_type: str) -> List[str]:
 def encoder_impls(requested: Optional[Sequence[str]], device_type: str) -> List[Impl]:
     """The encoder implementations of a run: ``requested`` names that run the encoder here (all if None)."""
     bases = encoder_bases(device_type)
-    names = requested if requested is not None else [n for n in IMPL_NAMES if Impl(n).base in bases]
-    return [Impl(name) for name in names if Impl(name).base in bases]
+    if requested is None:
+        return [Impl(name) for name in IMPL_NAMES if Impl(name).base in bases]
+    # Asked for by name, ``auto`` runs even where it resolves to one backend that is also in the run.
+    return [Impl(name) for name in requested if Impl(name).base in bases or Impl(name).base == "auto"]
 
 
 def op_impls(op: str, requested: Optional[Sequence[str]], device_type: str) -> List[Impl]:
@@ -104,7 +104,7 @@ def op_impls(op: str, requested: Optional[Sequence[str]], device_type: str) -> L
 
 def runnable_bases(device_type: str) -> List[str]:
     """Bases that run the encoder or at least one op on ``device_type``."""
-    runnable = set(encoder_bases(device_type)) | {b for op in ops.OPS for b in op_backends(op, device_type)}
+    runnable = set(encoder_bases(device_type)) | {"auto"} | {b for op in ops.OPS for b in op_backends(op, device_type)}
     return [base for base in BASES if base in runnable]
 
 

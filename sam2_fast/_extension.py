@@ -65,5 +65,21 @@ def load_error() -> Optional[str]:
 
 
 def device_types() -> Tuple[str, ...]:
-    """The device types the loaded extension has kernels for."""
+    """The device types the loaded extension was built for."""
     return _DEVICE_TYPES
+
+
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def kernel_device_types(op: str) -> Tuple[str, ...]:
+    """The device types for which the loaded extension registered a kernel of ``op`` (``sam2_fast_ext::<op>``).
+
+    A CUDA build need not have a CUDA kernel for every op (attention on CUDA is the Triton backend's job)."""
+    if _LOAD_ERROR is not None:
+        return ()
+    name = f"sam2_fast_ext::{op}"
+    return tuple(
+        device for device in _DEVICE_TYPES
+        if torch._C._dispatch_has_kernel_for_dispatch_key(name, _DISPATCH_KEYS[device])
+    )

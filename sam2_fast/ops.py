@@ -27,7 +27,7 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
-from . import op_shapes, torch_ops
+from . import _extension, op_shapes, torch_ops
 from .precision import emulated_attention_dtype, rounded_fp32
 
 BACKENDS = ("torch", "triton", "extension")
@@ -90,8 +90,6 @@ def _probe_triton() -> Tuple[Optional[str], Dict[str, Callable]]:
 
 def _probe_extension() -> Tuple[Optional[str], Dict[str, Callable], Tuple[str, ...]]:
     """(reason the extension cannot run or None, {op name: op}, device types it was built for)."""
-    from . import _extension
-
     reason = _extension.load_error()
     if reason is not None:
         return reason, {}, ()
@@ -110,12 +108,13 @@ _TRITON_REASON, _TRITON_LAUNCHERS = _probe_triton()
 _EXTENSION_REASON, _EXTENSION_OPS, _EXTENSION_DEVICES = _probe_extension()
 
 
-def _implements(backend: str, op: str) -> bool:
-    """False only where a backend that loaded has no kernel for ``op``."""
+def _implements(backend: str, op: str, device_type: str) -> bool:
+    """False only where a backend that loaded (for ``device_type``) has no kernel for ``op`` on ``device_type``:
+    the op then runs on torch under that backend."""
     if backend == "triton" and _TRITON_REASON is None:
         return op in _TRITON_LAUNCHERS
-    if backend == "extension" and _EXTENSION_REASON is None:
-        return op in _EXTENSION_OPS
+    if backend == "extension" and _EXTENSION_REASON is None and device_type in _EXTENSION_DEVICES:
+        return op in _EXTENSION_OPS and device_type in _extension.kernel_device_types(op)
     return True
 
 
@@ -137,9 +136,21 @@ def _unavailable_reason(op: str, backend: str, device_type: str) -> Optional[str
         return _EXTENSION_REASON
     if device_type not in _EXTENSION_DEVICES:
         return f"the C++ extension was built for {', '.join(_EXTENSION_DEVICES) or 'no device'}, not {device_type}"
-    if op not in _EXTENSION_OPS:
-        return f"the C++ extension has no {op} op"
+    if not _implements(backend, op, device_type):
+        return f"the C++ extension has no {device_type} kernel for {op}"
     return None
+
+
+def runs_whole_encoder(backend: str, device_type: str) -> bool:
+    """Whether ``use_backend(backend)`` runs the whole encoder on ``device_type``: every op either runs on that
+    backend or, where the backend has no kernel for it, on torch."""
+    _check_backend_name(backend)
+    if backend == "auto":
+        return True
+    return all(
+        not _implements(backend, op, device_type) or _unavailable_reason(op, backend, device_type) is None
+        for op in OPS
+    )
 
 
 def backend_status(device_type: str = "cuda" if torch.cuda.is_available() else "cpu") -> Dict[str, Dict[str, str]]:
@@ -162,9 +173,9 @@ def resolve_backend(op: str, device_type: str) -> str:
     """The backend that runs ``op`` on ``device_type`` under the current setting."""
     requested = _requested_backend
     if requested != "auto":
-        if not _implements(requested, op):
-            # An op this backend has no kernel for (e.g. the sine encoding, computed once per size and cached)
-            # runs on torch, so that one backend can still run the whole encoder.
+        if not _implements(requested, op, device_type):
+            # An op this backend has no kernel for on this device (e.g. the sine encoding, computed once per size
+            # and cached) runs on torch, so that one backend can still run the whole encoder.
             return "torch"
         reason = _unavailable_reason(op, requested, device_type)
         if reason is not None:

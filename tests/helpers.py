@@ -100,3 +100,49 @@ def triton_test_device():
         pytest.skip("needs a CUDA device or TRITON_INTERPRET=1 (Triton interpreter on CPU)", allow_module_level=True)
     pytest.importorskip("triton")
     return ("cuda" if has_cuda else "cpu"), has_cuda and not interpreting
+
+
+# fp32: both sides do the same math; they differ only where GEMMs see a different number of rows (we project
+# real tokens only, the reference also its padded ones) or where a kernel sums in another order, i.e. in float
+# rounding, ~1e-7 relative per layer. Across up to 48 blocks that stays far below 1e-4 of the outputs' magnitude.
+FP32_RELATIVE_TOLERANCE = 1e-4
+
+
+def run_encoder(model, x: torch.Tensor, autocast_dtype=None) -> dict:
+    """``model(x)`` without gradients, under autocast to ``autocast_dtype`` on x's device type if given."""
+    enabled = autocast_dtype is not None
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=enabled):
+        return model(x)
+
+
+def check_fp32_outputs(reference_out: dict, ours_out: dict) -> float:
+    """Every output of ours matches the reference's dtype and values (FP32_RELATIVE_TOLERANCE of each output's
+    magnitude); returns the largest error relative to that magnitude."""
+    worst = 0.0
+    for (name, expected), (_, actual) in zip(flat_outputs(reference_out), flat_outputs(ours_out)):
+        assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != reference {expected.dtype}"
+        scale = max(expected.abs().max().item(), 1.0)
+        assert_close_verbose(actual, expected, atol=FP32_RELATIVE_TOLERANCE * scale, name=name)
+        worst = max(worst, max_abs_error(actual, expected) / scale)
+    return worst
+
+
+def check_low_precision_outputs(exact_out: dict, reference_low_out: dict, ours_low_out: dict):
+    """Our low-precision outputs must carry the reference's dtypes, and be no further from the fp32 reference
+    than twice the reference's own low-precision error (plus a floor of 1% of the output's magnitude, for
+    outputs that both sides compute exactly). Returns (our worst error, the reference's), relative to magnitude."""
+    ours_worst = reference_worst = 0.0
+    for (name, exact), (_, ref_low), (_, our_low) in zip(
+        flat_outputs(exact_out), flat_outputs(reference_low_out), flat_outputs(ours_low_out)
+    ):
+        assert our_low.dtype == ref_low.dtype, f"{name}: dtype {our_low.dtype} != reference's {ref_low.dtype}"
+        assert our_low.shape == ref_low.shape, f"{name}: shape {tuple(our_low.shape)} != {tuple(ref_low.shape)}"
+        reference_error = max_abs_error(ref_low, exact)
+        our_error = max_abs_error(our_low, exact)
+        scale = max(exact.abs().max().item(), 1e-30)
+        floor = 1e-2 * scale
+        assert our_error <= 2 * reference_error + floor, (
+            f"{name}: our error vs fp32 {our_error:.4g} > 2 x the reference's own {reference_error:.4g} + {floor:.3g}"
+        )
+        ours_worst, reference_worst = max(ours_worst, our_error / scale), max(reference_worst, reference_error / scale)
+    return ours_worst, reference_worst

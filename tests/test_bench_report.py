@@ -104,6 +104,13 @@ def test_impl_names():
         bench_matrix.Impl("reference"), bench_matrix.Impl("torch")]
 
 
+def test_auto_asked_for_by_name_runs():
+    # Where auto resolves to a single backend it is left out of the default run, but asked for by name it runs.
+    bench_matrix.check_impls(["auto", "auto+compile"], "cpu")
+    names = [i.name for i in bench_matrix.encoder_impls(["reference", "auto"], "cpu")]
+    assert names == ["reference", "auto"]
+
+
 def test_summary_and_speedups():
     assert summarize([1.0, 2.0, 3.0, 4.0, 5.0]) == {"median": 3.0, "p20": 1.8, "p80": 4.2}
     rows = _encoder_rows({"reference": [0.4, 0.5, 0.6], "reference+compile": [0.25] * 3, "torch": [0.25] * 3})

@@ -23,7 +23,6 @@ EXT = torch.ops.sam2_fast_ext
 DEVICES = [pytest.param("cpu")] + [
     pytest.param("cuda", marks=pytest.mark.gpu) for _ in range("cuda" in _extension.device_types())
 ]
-ATTENTION_ON_DEVICE = {"cpu"}  # attention on CUDA is the Triton backend's job
 
 # fp32 attention: the kernel sums the same products as torch's SDPA in another order (blocked dot products, its
 # own exp), so it agrees to a few fp32 ulps of the O(1) outputs, as torch's own error against float64 does (~2e-6).
@@ -325,6 +324,31 @@ def test_export_traces_through_the_fakes():
 
 # ---------------------------------------------------------------------------------------------------------------
 # Through the op layer
+
+def test_extension_kernels_are_known_per_device(monkeypatch):
+    # The dispatcher says which device kernels were registered: this build has CPU kernels for every op.
+    for op in ops.OPS:
+        assert "cpu" in _extension.kernel_device_types(op), op
+    # A CUDA build has no CUDA attention kernels (Triton's job): under an explicit "extension" those ops run on
+    # torch, the ones it has run on the extension, and the backend still runs the whole encoder.
+    monkeypatch.setattr(ops, "_EXTENSION_DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(_extension, "kernel_device_types",
+                        lambda op: ("cpu",) if op.endswith("attention") else ("cpu", "cuda"))
+    with sam2_fast.use_backend("extension"):
+        assert ops.resolve_backend("window_attention", "cuda") == "torch"
+        assert ops.resolve_backend("maxpool2x2", "cuda") == "extension"
+        assert ops.resolve_backend("window_attention", "cpu") == "extension"
+    assert ops.backend_status("cuda")["extension"]["global_attention"] == "the C++ extension has no cuda kernel for global_attention"
+    assert ops.runs_whole_encoder("extension", "cuda")
+
+
+def test_cpu_only_build_cannot_run_on_cuda(monkeypatch):
+    monkeypatch.setattr(ops, "_EXTENSION_DEVICES", ("cpu",))
+    with sam2_fast.use_backend("extension"), pytest.raises(sam2_fast.BackendUnavailableError,
+                                                           match="built for cpu, not cuda"):
+        ops.resolve_backend("maxpool2x2", "cuda")
+    assert not ops.runs_whole_encoder("extension", "cuda")
+
 
 def test_op_layer_runs_the_extension():
     with sam2_fast.use_backend("extension"):

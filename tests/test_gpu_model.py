@@ -1,0 +1,116 @@
+"""The whole encoder on a CUDA device against the reference `sam2` on the same device.
+
+Every config at 1024x1024 (the resolution SAM-2 runs at, where stage 3's 64x64 map pads to windows of 14 or 16)
+in fp32 and bf16 autocast with the ``auto`` backend (Triton kernels), every backend that runs on CUDA on a padded
+non-square batch of three, the encoder cast to bf16, and ``torch.compile(fullgraph=True)`` with Triton ops.
+Each test prints its errors (run with ``-s`` to see them). Skipped without a CUDA device.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import sam2_fast
+from sam2_fast import _extension, ops
+from sam2_fast.configs import CONFIGS
+
+from helpers import check_fp32_outputs, check_low_precision_outputs, encoder_pair, flat_outputs, run_encoder
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32_reference():
+    """The reference in plain fp32: cuDNN's convolutions default to TF32 (10-bit mantissa), which alone would
+    put ~1e-3 of noise between two runs of the patch embedding; torch's matmuls already default to full fp32."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _cuda_pair(name: str):
+    reference, ours = encoder_pair(name)
+    return copy.deepcopy(reference).cuda(), copy.deepcopy(ours).cuda()
+
+
+def _image(batch: int, height: int, width: int, seed: int) -> torch.Tensor:
+    return torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed)).cuda()
+
+
+def test_backends_resolve_to_their_cuda_kernels():
+    with sam2_fast.use_backend("auto"):
+        resolved = ops.active_backends("cuda")
+    assert resolved["window_attention"] == "triton" and resolved["global_attention"] == "triton", resolved
+    if "cuda" in _extension.device_types():
+        with sam2_fast.use_backend("extension"):
+            resolved = ops.active_backends("cuda")
+        assert resolved["maxpool2x2"] == resolved["fpn_upsample_add"] == "extension", resolved
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_every_config_1024_fp32_and_bf16_autocast(name):
+    reference, ours = _cuda_pair(name)
+    x = _image(1, 1024, 1024, seed=11)
+    expected = run_encoder(reference, x)
+    with sam2_fast.use_backend("auto"):
+        fp32_error = check_fp32_outputs(expected, run_encoder(ours, x))
+        ours_low = run_encoder(ours, x, torch.bfloat16)
+    ours_error, reference_error = check_low_precision_outputs(
+        expected, run_encoder(reference, x, torch.bfloat16), ours_low
+    )
+    print(f"\n[cuda parity] {name} 1024x1024: fp32 error {fp32_error:.3g}; bf16 autocast error "
+          f"{ours_error:.3g} (reference's own {reference_error:.3g})")
+
+
+@pytest.mark.parametrize("backend", ["torch", "extension", "triton"])
+def test_each_backend_on_padded_batch_of_three(backend):
+    # 512x384: stage 3 is 32x24 (windows of 14 overhang both ways), stage 4 16x12 (windows of 7 overhang).
+    if not ops.runs_whole_encoder(backend, "cuda"):
+        pytest.skip(f"backend {backend!r} cannot run on CUDA: {sam2_fast.backend_status('cuda')[backend]}")
+    reference, ours = _cuda_pair("sam2.1_hiera_base_plus")
+    x = _image(3, 512, 384, seed=12)
+    expected = run_encoder(reference, x)
+    with sam2_fast.use_backend(backend):
+        fp32_error = check_fp32_outputs(expected, run_encoder(ours, x))
+        ours_low = run_encoder(ours, x, torch.bfloat16)
+    ours_error, reference_error = check_low_precision_outputs(
+        expected, run_encoder(reference, x, torch.bfloat16), ours_low
+    )
+    print(f"\n[cuda parity] base_plus 3x512x384 {backend}: fp32 error {fp32_error:.3g}; bf16 autocast error "
+          f"{ours_error:.3g} (reference's own {reference_error:.3g})")
+
+
+@pytest.mark.parametrize("name", ["sam2.1_hiera_tiny", "sam2.1_hiera_large"])
+def test_encoder_cast_to_bf16(name):
+    reference, ours = _cuda_pair(name)
+    x = _image(2, 1024, 1024, seed=13)
+    expected = run_encoder(reference, x)
+    reference_low, ours_low = copy.deepcopy(reference).bfloat16(), ours.bfloat16()
+    with sam2_fast.use_backend("auto"):
+        ours_out = run_encoder(ours_low, x.bfloat16())
+    ours_error, reference_error = check_low_precision_outputs(
+        expected, run_encoder(reference_low, x.bfloat16()), ours_out
+    )
+    print(f"\n[cuda parity] {name} cast to bf16: error {ours_error:.3g} (reference's own {reference_error:.3g})")
+
+
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+def test_compiled_encoder_fullgraph_matches_eager(autocast_dtype):
+    _, ours = _cuda_pair("sam2.1_hiera_tiny")
+    x = _image(1, 512, 512, seed=14)
+    torch._dynamo.reset()
+    with sam2_fast.use_backend("triton"):
+        eager = run_encoder(ours, x, autocast_dtype)
+        compiled = run_encoder(torch.compile(ours, fullgraph=True, dynamic=False), x, autocast_dtype)
+    for (name, expected), (_, actual) in zip(flat_outputs(eager), flat_outputs(compiled)):
+        assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != eager {expected.dtype}"
+        # inductor fuses the elementwise work around the ops (LayerNorm, GELU, residual adds) and rounds
+        # differently: fp32 to a few ulps per layer, bf16 to its own rounding of those intermediates.
+        tolerance = 1e-4 if autocast_dtype is None else 5e-2
+        scale = max(expected.float().abs().max().item(), 1.0)
+        error = (actual.float() - expected.float()).abs().max().item() / scale
+        assert error <= tolerance, f"{name}: compiled vs eager error {error:.3g} > {tolerance:g}"
