@@ -6,12 +6,17 @@
 #   3. the GPU tests: the extension's CUDA kernels and the whole encoder against `sam2` on the GPU;
 #   4. the benchmark vs the reference, eager (whole encoder and per op), then under torch.compile.
 # Every step has its own time limit inside BUDGET_S seconds (default 520), so a hang or a slow compile costs
-# only its own step. Logs and results go to $OUT (default ./cuda-session-out): log.txt, build.log, eager/, compile/.
+# only its own step. STEPS (default: all) picks among triton_tests, bench_eager, gpu_tests, bench_compile, and
+# GPU_TESTS_K narrows the GPU tests (a pytest -k expression). Logs and results go to $OUT (default
+# ./cuda-session-out): log.txt, build.log, eager/, compile/.
 # Usage: bash bench/cuda_session.sh    (from the repository root, with python3 holding a CUDA torch)
 set -uo pipefail
 OUT=${OUT:-cuda-session-out}
 BUDGET_S=${BUDGET_S:-520}
 PY=${PYTHON:-python3}
+STEPS=${STEPS:-triton_tests bench_eager gpu_tests bench_compile}
+GPU_TESTS_K=${GPU_TESTS_K:-not compiled}
+wanted() { [[ " $STEPS " == *" $1 "* ]]; }
 START=$(date +%s)
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1
@@ -46,29 +51,39 @@ rm -f sam2_fast/_C*.so
 ) &
 BUILD_PID=$!
 
-step "Triton kernel tests on the GPU"
-timeout "$(limit 170)" $PY -m pytest -q -p no:cacheprovider -p no:warnings $XDIST tests/test_triton_attention.py tests/test_triton_pool_fpn.py
-echo "triton tests rc $?"
+if wanted triton_tests; then
+    step "Triton kernel tests on the GPU"
+    timeout "$(limit 170)" $PY -m pytest -q -p no:cacheprovider -p no:warnings $XDIST \
+        tests/test_triton_attention.py tests/test_triton_pool_fpn.py
+    echo "triton tests rc $?"
+fi
 
 step "wait for the extension build"
 wait $BUILD_PID
 tail -n 5 "$OUT/build.log"
 $PY -c "import sam2_fast; from sam2_fast import _extension; print('extension:', _extension.load_error() or 'loaded', _extension.device_types()); print(sam2_fast.active_backends('cuda'))"
 
-step "GPU tests: extension CUDA kernels, whole encoder vs sam2 on the GPU"
-timeout "$(limit 150)" $PY -m pytest -q -p no:cacheprovider -p no:warnings $XDIST -rP -m gpu -k "not compiled" \
-    tests/test_extension.py tests/test_gpu_model.py
-echo "gpu tests rc $?"
+if wanted bench_eager; then
+    step "benchmark, eager: base_plus 1024, batch 1 and 8, bf16 autocast, whole encoder and per op"
+    timeout "$(limit 130)" $PY -m bench.report --device cuda --configs base_plus --sizes 1024 --batches 1,8 \
+        --dtypes bf16-autocast --impls reference,torch,triton,auto --repeats 5 --out "$OUT/eager"
+    echo "eager bench rc $?"
+fi
 
-step "benchmark, eager: base_plus 1024, batch 1 and 8, bf16 autocast, whole encoder and per op"
-timeout "$(limit 130)" $PY -m bench.report --device cuda --configs base_plus --sizes 1024 --batches 1,8 \
-    --dtypes bf16-autocast --impls reference,torch,triton,auto --repeats 5 --out "$OUT/eager"
-echo "eager bench rc $?"
+if wanted gpu_tests; then
+    step "GPU tests: extension CUDA kernels, whole encoder vs sam2 on the GPU"
+    timeout "$(limit 150)" $PY -m pytest -q -p no:cacheprovider -p no:warnings $XDIST -rP -m gpu -k "$GPU_TESTS_K" \
+        tests/test_extension.py tests/test_gpu_model.py
+    echo "gpu tests rc $?"
+fi
 
-step "benchmark, compiled: reference under max-autotune vs sam2_fast, batch 1"
-timeout "$(limit 600)" $PY -m bench.report --device cuda --configs base_plus --sizes 1024 --batches 1 \
-    --dtypes bf16-autocast --impls reference,auto,reference+compile,auto+compile --ops none --repeats 5 --out "$OUT/compile"
-echo "compile bench rc $?"
+if wanted bench_compile; then
+    step "benchmark, compiled: reference under max-autotune vs sam2_fast, batch 1"
+    timeout "$(limit 600)" $PY -m bench.report --device cuda --configs base_plus --sizes 1024 --batches 1 \
+        --dtypes bf16-autocast --impls reference,auto,reference+compile,auto+compile --ops none --repeats 5 \
+        --out "$OUT/compile"
+    echo "compile bench rc $?"
+fi
 
 step "summary"
 grep -h "\[cuda parity\]" "$OUT/log.txt" | sort -u

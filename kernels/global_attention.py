@@ -7,14 +7,14 @@ window covering the whole map (so no padding and no bias fill).
 from __future__ import annotations
 
 import math
-from typing import Iterator, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from .window_attention import (
-    _LOG2_E, TRITON_DTYPES, _attend, _load_query_rows, check_qkv, dot_in_fp32, max_block_n,
+    _LOG2_E, TRITON_DTYPES, LaunchConfig, _attend, _load_query_rows, check_qkv, dot_in_fp32, max_block_n,
 )
 
 
@@ -69,14 +69,21 @@ def _global_attention_kernel(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=query_valid[:, None] & d_mask[None, :])
 
 
-def _global_blocks(head_dim: int, dtype: torch.dtype) -> Tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps): 64-query blocks keep enough programs per image (64 per head at
-    64 x 64 tokens) to fill a GPU at batch 1; the head dim is padded to a power of two in registers."""
-    return 64, max_block_n(dtype), max(16, triton.next_power_of_2(head_dim)), 4
+def _global_blocks(head_dim: int, dtype: torch.dtype) -> LaunchConfig:
+    """The head dim is padded to a power of two in registers. 16-bit: 128 queries x 64 keys, 8 warps, the config
+    that was within 15% of the best at every stage-3 global block of tiny, base_plus and large at 1024x1024, batch 1
+    and 8, on an H200 (``python -m bench.tune_attention``). fp32 keeps 64 queries x 16 keys (see ``max_block_n``)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if dtype == torch.float32:
+        return LaunchConfig(64, max_block_n(dtype), block_d, 4, 3)
+    return LaunchConfig(128, 64, block_d, 8, 3)
 
 
-def global_attention(qkv: torch.Tensor, num_heads: int, q_pool: bool) -> torch.Tensor:
-    """Triton launcher of ``sam2_fast.torch_ops.global_attention``: same arguments, same (B, H', W', dim) result."""
+def global_attention(
+    qkv: torch.Tensor, num_heads: int, q_pool: bool, config: Optional[LaunchConfig] = None,
+) -> torch.Tensor:
+    """Triton launcher of ``sam2_fast.torch_ops.global_attention``: same arguments, same (B, H', W', dim) result.
+    ``config`` overrides the launch config (for tuning)."""
     head_dim = check_qkv(qkv, num_heads, "global_attention")
     batch, height, width, channels3 = qkv.shape
     dim = channels3 // 3
@@ -87,8 +94,8 @@ def global_attention(qkv: torch.Tensor, num_heads: int, q_pool: bool) -> torch.T
     if out.numel() == 0:
         return out
 
-    block_m, block_n, block_d, num_warps = _global_blocks(head_dim, qkv.dtype)
-    grid = (triton.cdiv(out_height * out_width, block_m), num_heads, batch)
+    config = config or _global_blocks(head_dim, qkv.dtype)
+    grid = (triton.cdiv(out_height * out_width, config.block_m), num_heads, batch)
     _global_attention_kernel[grid](
         qkv, out,
         height, width, out_height, out_width, dim,
@@ -96,14 +103,14 @@ def global_attention(qkv: torch.Tensor, num_heads: int, q_pool: bool) -> torch.T
         out.stride(0), out.stride(1), out.stride(2),
         _LOG2_E / math.sqrt(head_dim),
         Q_POOL=q_pool, HEAD_DIM=head_dim, DOT_IN_FP32=dot_in_fp32(qkv.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=num_warps,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=config.block_d,
+        **config.options(),
     )
     return out
 
 
-def aot_variants() -> Iterator[Tuple[str, object, dict, dict, int]]:
-    """(name, kernel, signature, constexprs, num_warps) of every compiled variant the configs use on a GPU.
+def aot_variants() -> Iterator[Tuple[str, object, dict, dict, dict]]:
+    """(name, kernel, signature, constexprs, launch options) of every compiled variant the configs use on a GPU.
 
     The eight configs' global blocks never pool q and have head dims 96 (tiny, small), 56 (base_plus) and 72
     (large) at every input size, 1024x1024 included; each in fp16, bf16 and fp32, duplicates yielded once.
@@ -113,7 +120,7 @@ def aot_variants() -> Iterator[Tuple[str, object, dict, dict, int]]:
     head_dims = sorted({config.embed_dim // config.num_heads for config in CONFIGS.values() if config.global_att_blocks})
     for head_dim in head_dims:
         for dtype, triton_dtype in TRITON_DTYPES.items():
-            block_m, block_n, block_d, num_warps = _global_blocks(head_dim, dtype)
+            config = _global_blocks(head_dim, dtype)
             signature = {
                 "qkv_ptr": f"*{triton_dtype}", "out_ptr": f"*{triton_dtype}",
                 **{name: "i32" for name in (
@@ -124,7 +131,8 @@ def aot_variants() -> Iterator[Tuple[str, object, dict, dict, int]]:
             }
             constexprs = dict(
                 Q_POOL=False, HEAD_DIM=head_dim, DOT_IN_FP32=dtype == torch.float32,
-                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+                BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=config.block_d,
             )
             signature.update({name: "constexpr" for name in constexprs})
-            yield f"global_attention_hd{head_dim}_{triton_dtype}", _global_attention_kernel, signature, constexprs, num_warps
+            name = f"global_attention_hd{head_dim}_{triton_dtype}"
+            yield name, _global_attention_kernel, signature, constexprs, config.options()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -205,19 +205,36 @@ def max_block_n(dtype: torch.dtype) -> int:
     return 16 if dtype == torch.float32 else 64
 
 
-def _window_blocks(window_size: int, q_pool: bool, head_dim: int, dtype: torch.dtype) -> Tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) for one window shape.
+class LaunchConfig(NamedTuple):
+    """Tile sizes and launch options of one attention kernel variant."""
 
-    Blocks are at least 16 (``tl.dot``'s minimum on GPUs) and at most 64, which keeps a 64 x 128 fp32 accumulator
-    plus the scores in registers for every head dim used (96, 56, 72 pad to 128, 64, 128).
+    block_m: int
+    block_n: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+    def options(self) -> dict:
+        """The launch options (for a launch and for an ahead-of-time compile)."""
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
+
+
+def _window_blocks(window_size: int, q_pool: bool, head_dim: int, dtype: torch.dtype) -> LaunchConfig:
+    """The launch config for one window shape.
+
+    Blocks are at least 16 (``tl.dot``'s minimum on GPUs). Query blocks are at most 64, or 128 with 8 warps for
+    16-bit windows of more than 64 queries (windows 14 and 16): on an H200, base_plus's stage-3 windows (14x14,
+    head dim 56) ran 11% (batch 1) and 16% (batch 8) faster so (``python -m bench.tune_attention``). Key blocks
+    and the rest as measured best there for windows of 8.
     """
     num_queries = (window_size // 2) ** 2 if q_pool else window_size**2
     num_keys = window_size**2
-    block_m = min(64, max(16, triton.next_power_of_2(num_queries)))
-    block_n = min(max_block_n(dtype), max(16, triton.next_power_of_2(num_keys)))
     block_d = max(16, triton.next_power_of_2(head_dim))
-    num_warps = 4 if block_m >= 64 else 2
-    return block_m, block_n, block_d, num_warps
+    block_n = min(max_block_n(dtype), max(16, triton.next_power_of_2(num_keys)))
+    if num_queries > 64 and dtype != torch.float32:
+        return LaunchConfig(128, block_n, block_d, 8, 3)
+    block_m = min(64, max(16, triton.next_power_of_2(num_queries)))
+    return LaunchConfig(block_m, block_n, block_d, 4 if block_m >= 64 else 2, 3)
 
 
 def check_qkv(qkv: torch.Tensor, num_heads: int, op: str) -> int:
@@ -235,12 +252,12 @@ def check_qkv(qkv: torch.Tensor, num_heads: int, op: str) -> int:
 
 def window_attention(
     qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], num_heads: int, window_size: int, q_pool: bool,
-    add_bias: bool = False,
+    add_bias: bool = False, config: Optional[LaunchConfig] = None,
 ) -> torch.Tensor:
     """Triton launcher of ``sam2_fast.torch_ops.window_attention``: same arguments, same (B, H', W', dim) result.
 
     ``add_bias`` adds the bias in a separate pass before the kernel: on GPU the qkv GEMM adds its bias in its
-    epilogue for free, so the model never asks for it there.
+    epilogue for free, so the model never asks for it there. ``config`` overrides the launch config (for tuning).
     """
     head_dim = check_qkv(qkv, num_heads, "window_attention")
     if window_size < 1 or (q_pool and window_size % 2):
@@ -264,10 +281,10 @@ def window_attention(
     if out.numel() == 0:
         return out
 
-    block_m, block_n, block_d, num_warps = _window_blocks(window_size, q_pool, head_dim, qkv.dtype)
+    config = config or _window_blocks(window_size, q_pool, head_dim, qkv.dtype)
     window_rows, window_cols = triton.cdiv(height, window_size), triton.cdiv(width, window_size)
     num_queries = (window_size // 2) ** 2 if q_pool else window_size**2
-    grid = (window_rows * window_cols * triton.cdiv(num_queries, block_m), num_heads, batch)
+    grid = (window_rows * window_cols * triton.cdiv(num_queries, config.block_m), num_heads, batch)
     _window_attention_kernel[grid](
         qkv, qkv if qkv_bias is None else qkv_bias, out,
         height, width, out_height, out_width, window_cols, dim,
@@ -275,8 +292,8 @@ def window_attention(
         out.stride(0), out.stride(1), out.stride(2),
         _LOG2_E / math.sqrt(head_dim),
         WINDOW=window_size, Q_POOL=q_pool, HEAD_DIM=head_dim, HAS_BIAS=qkv_bias is not None,
-        DOT_IN_FP32=dot_in_fp32(qkv.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=num_warps,
+        DOT_IN_FP32=dot_in_fp32(qkv.dtype), BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=config.block_d,
+        **config.options(),
     )
     return out
 
@@ -293,8 +310,8 @@ def _windowed_attention_shapes() -> Iterator[Tuple[int, bool, int]]:
                 yield config.window_spec[stage - 1], True, head_dim
 
 
-def aot_variants() -> Iterator[Tuple[str, object, dict, dict, int]]:
-    """(name, kernel, signature, constexprs, num_warps) of every compiled variant the configs use on a GPU.
+def aot_variants() -> Iterator[Tuple[str, object, dict, dict, dict]]:
+    """(name, kernel, signature, constexprs, launch options) of every compiled variant the configs use on a GPU.
 
     Covers the eight configs (the window shapes do not depend on the input size, so 1024x1024 included) in fp16,
     bf16 and fp32, with a qkv bias (Hiera's qkv projection always has one); duplicates are yielded once.
@@ -306,7 +323,7 @@ def aot_variants() -> Iterator[Tuple[str, object, dict, dict, int]]:
             if key in seen:
                 continue
             seen.add(key)
-            block_m, block_n, block_d, num_warps = _window_blocks(window_size, q_pool, head_dim, dtype)
+            config = _window_blocks(window_size, q_pool, head_dim, dtype)
             signature = {
                 "qkv_ptr": f"*{triton_dtype}", "bias_ptr": f"*{triton_dtype}", "out_ptr": f"*{triton_dtype}",
                 **{name: "i32" for name in (
@@ -317,8 +334,9 @@ def aot_variants() -> Iterator[Tuple[str, object, dict, dict, int]]:
             }
             constexprs = dict(
                 WINDOW=window_size, Q_POOL=q_pool, HEAD_DIM=head_dim, HAS_BIAS=True,
-                DOT_IN_FP32=dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+                DOT_IN_FP32=dtype == torch.float32, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                BLOCK_D=config.block_d,
             )
             signature.update({name: "constexpr" for name in constexprs})
             name = f"window_attention_w{window_size}{'_qpool' if q_pool else ''}_hd{head_dim}_{triton_dtype}"
-            yield name, _window_attention_kernel, signature, constexprs, num_warps
+            yield name, _window_attention_kernel, signature, constexprs, config.options()

@@ -13,7 +13,8 @@ formula that recomputes the torch implementation, so gradients flow through ever
 
 Choosing: ``SAM2_FAST_BACKEND=auto|torch|triton|extension`` (read at import), :func:`set_backend` or the
 :func:`use_backend` context manager. ``auto`` takes, per op and device, the first available of
-triton, extension, torch on CUDA and extension, torch on CPU, with one warning when it has to fall back. Asking for
+triton, extension, torch on CUDA (global attention: torch, whose flash SDPA measured faster) and extension, torch on
+CPU, with one warning when it has to fall back. Asking for
 a backend that cannot run raises :class:`BackendUnavailableError` naming what is missing.
 """
 
@@ -36,6 +37,10 @@ OPS = ("window_attention", "global_attention", "maxpool2x2", "fpn_upsample_add",
 
 # Preference order of ``auto`` per device type.
 _AUTO_ORDER = {"cuda": ("triton", "extension", "torch"), "cpu": ("extension", "torch")}
+# Where one op's measured best differs from its device's order. Global attention on CUDA: torch's flash SDPA ran
+# 1.5-1.7x faster than the tuned Triton kernel at every config's global blocks at 1024x1024 on an H200 (bf16, batch
+# 1 and 8; ``python -m bench.tune_attention``), so ``auto`` takes torch there; the kernel stays selectable.
+_AUTO_ORDER_BY_OP = {("cuda", "global_attention"): ("torch",)}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -181,7 +186,7 @@ def resolve_backend(op: str, device_type: str) -> str:
         if reason is not None:
             raise BackendUnavailableError(f"sam2_fast backend {requested!r} cannot run {op}: {reason}")
         return requested
-    preferred = _AUTO_ORDER.get(device_type, ("torch",))
+    preferred = _AUTO_ORDER_BY_OP.get((device_type, op)) or _AUTO_ORDER.get(device_type, ("torch",))
     for backend in preferred:
         reason = _unavailable_reason(op, backend, device_type)
         if reason is None:

@@ -44,7 +44,10 @@ def _image(batch: int, height: int, width: int, seed: int) -> torch.Tensor:
 def test_backends_resolve_to_their_cuda_kernels():
     with sam2_fast.use_backend("auto"):
         resolved = ops.active_backends("cuda")
-    assert resolved["window_attention"] == "triton" and resolved["global_attention"] == "triton", resolved
+    # Global attention: torch's flash SDPA measured faster than the Triton kernel (see ops._AUTO_ORDER_BY_OP).
+    assert resolved["window_attention"] == "triton" and resolved["global_attention"] == "torch", resolved
+    with sam2_fast.use_backend("triton"):
+        assert ops.active_backends("cuda")["global_attention"] == "triton"
     if "cuda" in _extension.device_types():
         with sam2_fast.use_backend("extension"):
             resolved = ops.active_backends("cuda")

@@ -183,6 +183,18 @@ def test_encoder_gradients_flow():
     assert [n for n, p in encoder.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []
 
 
+def test_auto_takes_torch_for_global_attention_on_cuda(monkeypatch):
+    # Measured: torch's flash SDPA beats the Triton global kernel on CUDA, so auto takes torch for that op only.
+    monkeypatch.setattr(ops, "_TRITON_REASON", None)
+    monkeypatch.setattr(ops, "_TRITON_LAUNCHERS", {"window_attention": None, "global_attention": None})
+    monkeypatch.setattr(ops, "_triton_runs_on", lambda device_type: device_type == "cuda")
+    with sam2_fast.use_backend("auto"):
+        assert ops.resolve_backend("global_attention", "cuda") == "torch"
+        assert ops.resolve_backend("window_attention", "cuda") == "triton"
+    with sam2_fast.use_backend("triton"):
+        assert ops.resolve_backend("global_attention", "cuda") == "triton"
+
+
 def test_explicit_backend_runs_ops_it_has_no_kernel_for_on_torch(monkeypatch):
     # The Triton backend has no sine-encoding kernel (it is computed once per size and cached): asking for
     # "triton" must still run a whole encoder, with that op on torch.

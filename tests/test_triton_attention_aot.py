@@ -25,11 +25,11 @@ def _compile_variant(module_name: str, variant_name: str, capability: int) -> in
     from triton.compiler import ASTSource
 
     variants = {name: rest for name, *rest in importlib.import_module(module_name).aot_variants()}
-    kernel, signature, constexprs, num_warps = variants[variant_name]
+    kernel, signature, constexprs, options = variants[variant_name]
     compiled = triton.compile(
         ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
         target=GPUTarget("cuda", capability, 32),
-        options={"num_warps": num_warps},
+        options=options,
     )
     return compiled.metadata.shared
 
