@@ -41,6 +41,20 @@ def _image(batch: int, height: int, width: int, seed: int) -> torch.Tensor:
     return torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed)).cuda()
 
 
+def _check_fp32_and_bf16_autocast(reference, ours, x: torch.Tensor, backend: str, label: str) -> None:
+    """Ours under ``backend`` against the reference on ``x``: fp32 to FP32_RELATIVE_TOLERANCE, bf16 autocast within
+    twice the reference's own bf16 error; prints both errors."""
+    expected = run_encoder(reference, x)
+    with sam2_fast.use_backend(backend):
+        fp32_error = check_fp32_outputs(expected, run_encoder(ours, x))
+        ours_low = run_encoder(ours, x, torch.bfloat16)
+    ours_error, reference_error = check_low_precision_outputs(
+        expected, run_encoder(reference, x, torch.bfloat16), ours_low
+    )
+    print(f"\n[cuda parity] {label}: fp32 error {fp32_error:.3g}; bf16 autocast error "
+          f"{ours_error:.3g} (reference's own {reference_error:.3g})")
+
+
 def test_backends_resolve_to_their_cuda_kernels():
     with sam2_fast.use_backend("auto"):
         resolved = ops.active_backends("cuda")
@@ -57,16 +71,7 @@ def test_backends_resolve_to_their_cuda_kernels():
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_every_config_1024_fp32_and_bf16_autocast(name):
     reference, ours = _cuda_pair(name)
-    x = _image(1, 1024, 1024, seed=11)
-    expected = run_encoder(reference, x)
-    with sam2_fast.use_backend("auto"):
-        fp32_error = check_fp32_outputs(expected, run_encoder(ours, x))
-        ours_low = run_encoder(ours, x, torch.bfloat16)
-    ours_error, reference_error = check_low_precision_outputs(
-        expected, run_encoder(reference, x, torch.bfloat16), ours_low
-    )
-    print(f"\n[cuda parity] {name} 1024x1024: fp32 error {fp32_error:.3g}; bf16 autocast error "
-          f"{ours_error:.3g} (reference's own {reference_error:.3g})")
+    _check_fp32_and_bf16_autocast(reference, ours, _image(1, 1024, 1024, seed=11), "auto", f"{name} 1024x1024")
 
 
 @pytest.mark.parametrize("backend", ["torch", "extension", "triton"])
@@ -75,16 +80,7 @@ def test_each_backend_on_padded_batch_of_three(backend):
     if not ops.runs_whole_encoder(backend, "cuda"):
         pytest.skip(f"backend {backend!r} cannot run on CUDA: {sam2_fast.backend_status('cuda')[backend]}")
     reference, ours = _cuda_pair("sam2.1_hiera_base_plus")
-    x = _image(3, 512, 384, seed=12)
-    expected = run_encoder(reference, x)
-    with sam2_fast.use_backend(backend):
-        fp32_error = check_fp32_outputs(expected, run_encoder(ours, x))
-        ours_low = run_encoder(ours, x, torch.bfloat16)
-    ours_error, reference_error = check_low_precision_outputs(
-        expected, run_encoder(reference, x, torch.bfloat16), ours_low
-    )
-    print(f"\n[cuda parity] base_plus 3x512x384 {backend}: fp32 error {fp32_error:.3g}; bf16 autocast error "
-          f"{ours_error:.3g} (reference's own {reference_error:.3g})")
+    _check_fp32_and_bf16_autocast(reference, ours, _image(3, 512, 384, seed=12), backend, f"base_plus 3x512x384 {backend}")
 
 
 @pytest.mark.parametrize("name", ["sam2.1_hiera_tiny", "sam2.1_hiera_large"])
