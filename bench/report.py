@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import gc
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
@@ -31,7 +32,7 @@ from .measure import (
     environment, rooflines, summarize, time_calls, utc_now, warm_up,
 )
 from .workloads import (
-    BENCH_OPS, EncoderSet, build_encoder, feature_outputs, op_callable, op_cases, op_expected, relative_error,
+    BENCH_OPS, COMPILE_MODE_ENV_VAR, COMPILE_MODES, EncoderSet, build_encoder, compile_mode, feature_outputs, op_callable, op_cases, op_expected, relative_error,
     seeded_image, short_name, worst_relative_error,
 )
 
@@ -66,6 +67,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--full", action="store_true", help="start from the wide matrix (SAM2_FAST_BENCH_FULL)")
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurements")
     parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
+    parser.add_argument("--compile-mode", choices=COMPILE_MODES,
+                        help="torch.compile mode of the +compile implementations (default: max-autotune on CUDA, "
+                             f"default on CPU; also {COMPILE_MODE_ENV_VAR})")
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
@@ -260,7 +264,7 @@ def run(matrix: Matrix, rounds: int, ops_wanted: Sequence[str], measure_memory: 
         torch._dynamo.reset()
     meta = environment(device)
     meta.update(started=started, finished=utc_now(), rounds=rounds, argv=sys.argv[1:],
-                auto_backends=bench_matrix.auto_resolution(device.type),
+                auto_backends=bench_matrix.auto_resolution(device.type), compile_mode=compile_mode(device.type),
                 backend_status=sam2_fast.backend_status(device.type),
                 memory_method=(CUDA_MEMORY_METHOD if device.type == "cuda" else CPU_MEMORY_METHOD)
                 if measure_memory else None)
@@ -360,7 +364,8 @@ def render_markdown(results: dict) -> str:
         "- Implementations: `reference` is the `sam2` package (ops: its own sequence for the step, e.g. pad + "
         "window_partition + SDPA + window_unpartition); `torch`, `extension`, `triton` are sam2_fast with that "
         "backend; `auto` is sam2_fast's per-op choice; `+compile` is `torch.compile(fullgraph=True)` "
-        "(max-autotune on CUDA, default mode on CPU). All load one seeded state_dict and see the same inputs.",
+        f"(mode: {meta.get('compile_mode', 'max-autotune on CUDA, default on CPU')}). All load one seeded "
+        "state_dict and see the same inputs.",
         "- dtypes: `fp32`; `bf16-autocast` is fp32 weights under `torch.autocast(bfloat16)`; `bf16` casts weights "
         "and input to bfloat16."
         + ("" if meta["device_type"] == "cuda" or meta["cpu_native_bf16"] else
@@ -434,6 +439,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     from tqdm import tqdm
 
+    if args.compile_mode:
+        os.environ[COMPILE_MODE_ENV_VAR] = args.compile_mode
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     matrix = matrix_from_args(args, device.type)
     bench_matrix.check_impls(matrix.impls or (), device.type)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -56,12 +57,25 @@ def build_encoder(config: str, reference: bool, dtype: str, device: torch.device
     return model.to(device=device, dtype=torch.bfloat16 if dtype == "bf16" else None).eval()
 
 
+COMPILE_MODE_ENV_VAR = "SAM2_FAST_BENCH_COMPILE_MODE"
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_mode(device_type: str) -> str:
+    """The ``torch.compile`` mode of the ``+compile`` implementations: ``SAM2_FAST_BENCH_COMPILE_MODE`` if set,
+    else ``sam2``'s own fast path on GPU (max-autotune) and inductor's default mode on CPU, where max-autotune only
+    adds minutes of tuning. (On a GPU, max-autotune of base_plus took over 5 minutes for the reference alone.)"""
+    mode = os.environ.get(COMPILE_MODE_ENV_VAR) or ("max-autotune" if device_type == "cuda" else "default")
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"{COMPILE_MODE_ENV_VAR}={mode!r}: expected one of {', '.join(COMPILE_MODES)}")
+    return mode
+
+
 def compile_fn(fn: Callable, device: torch.device) -> Callable:
-    """``sam2``'s own fast path on GPU (max-autotune, fullgraph); inductor's default mode on CPU, where
-    max-autotune only adds minutes of tuning."""
+    """``fn`` under ``torch.compile(fullgraph=True, dynamic=False)`` in :func:`compile_mode`'s mode."""
     _raise_recompile_limit()
-    mode = "max-autotune" if device.type == "cuda" else None
-    return torch.compile(fn, mode=mode, fullgraph=True, dynamic=False)
+    mode = compile_mode(device.type)
+    return torch.compile(fn, mode=None if mode == "default" else mode, fullgraph=True, dynamic=False)
 
 
 def _raise_recompile_limit() -> None:

@@ -72,7 +72,20 @@ def test_cli_defaults_and_overrides():
     assert report.parse_args(["--ops", "none"]).ops == ()
 
 
-@pytest.mark.parametrize("argv", [["--repeats", "0"], ["--ops", "conv"], ["--sizes", "x"]])
+def test_compile_mode_defaults_and_override(monkeypatch):
+    from bench import workloads
+
+    monkeypatch.delenv(workloads.COMPILE_MODE_ENV_VAR, raising=False)
+    assert workloads.compile_mode("cuda") == "max-autotune" and workloads.compile_mode("cpu") == "default"
+    assert report.parse_args(["--compile-mode", "default"]).compile_mode == "default"
+    monkeypatch.setenv(workloads.COMPILE_MODE_ENV_VAR, "reduce-overhead")
+    assert workloads.compile_mode("cuda") == "reduce-overhead"
+    monkeypatch.setenv(workloads.COMPILE_MODE_ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match="SAM2_FAST_BENCH_COMPILE_MODE='fastest': expected one of default"):
+        workloads.compile_mode("cpu")
+
+
+@pytest.mark.parametrize("argv", [["--repeats", "0"], ["--ops", "conv"], ["--sizes", "x"], ["--compile-mode", "x"]])
 def test_cli_rejects_bad_arguments(argv):
     with pytest.raises(SystemExit):
         report.matrix_from_args(report.parse_args(argv), "cpu")
