@@ -93,14 +93,16 @@ def _probe_triton() -> Tuple[Optional[str], Dict[str, Callable]]:
     return None, dict(KERNEL_LAUNCHERS)
 
 
-def _probe_extension() -> Tuple[Optional[str], Dict[str, Callable], Tuple[str, ...]]:
-    """(reason the extension cannot run or None, {op name: op}, device types it was built for)."""
+def _probe_extension() -> Tuple[Optional[str], Dict[str, Callable], Tuple[str, ...], Dict[str, Tuple[str, ...]]]:
+    """(reason the extension cannot run or None, {op name: op}, device types it was built for,
+    {op name: device types it has a kernel for}). Read once here: asking the dispatcher while tracing would break
+    the graph."""
     reason = _extension.load_error()
     if reason is not None:
-        return reason, {}, ()
+        return reason, {}, (), {}
     namespace = torch.ops.sam2_fast_ext
     ops = {name: getattr(namespace, name) for name in OPS if hasattr(namespace, name)}
-    return None, ops, _extension.device_types()
+    return None, ops, _extension.device_types(), {name: _extension.kernel_device_types(name) for name in ops}
 
 
 def _triton_runs_on(device_type: str) -> bool:
@@ -110,7 +112,7 @@ def _triton_runs_on(device_type: str) -> bool:
 
 
 _TRITON_REASON, _TRITON_LAUNCHERS = _probe_triton()
-_EXTENSION_REASON, _EXTENSION_OPS, _EXTENSION_DEVICES = _probe_extension()
+_EXTENSION_REASON, _EXTENSION_OPS, _EXTENSION_DEVICES, _EXTENSION_KERNEL_DEVICES = _probe_extension()
 
 
 def _implements(backend: str, op: str, device_type: str) -> bool:
@@ -119,7 +121,7 @@ def _implements(backend: str, op: str, device_type: str) -> bool:
     if backend == "triton" and _TRITON_REASON is None:
         return op in _TRITON_LAUNCHERS
     if backend == "extension" and _EXTENSION_REASON is None and device_type in _EXTENSION_DEVICES:
-        return op in _EXTENSION_OPS and device_type in _extension.kernel_device_types(op)
+        return device_type in _EXTENSION_KERNEL_DEVICES.get(op, ())
     return True
 
 

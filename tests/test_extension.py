@@ -328,12 +328,12 @@ def test_export_traces_through_the_fakes():
 def test_extension_kernels_are_known_per_device(monkeypatch):
     # The dispatcher says which device kernels were registered: this build has CPU kernels for every op.
     for op in ops.OPS:
-        assert "cpu" in _extension.kernel_device_types(op), op
+        assert _extension.kernel_device_types(op) == ops._EXTENSION_KERNEL_DEVICES[op] == ("cpu",), op
     # A CUDA build has no CUDA attention kernels (Triton's job): under an explicit "extension" those ops run on
     # torch, the ones it has run on the extension, and the backend still runs the whole encoder.
     monkeypatch.setattr(ops, "_EXTENSION_DEVICES", ("cpu", "cuda"))
-    monkeypatch.setattr(_extension, "kernel_device_types",
-                        lambda op: ("cpu",) if op.endswith("attention") else ("cpu", "cuda"))
+    monkeypatch.setattr(ops, "_EXTENSION_KERNEL_DEVICES",
+                        {op: ("cpu",) if op.endswith("attention") else ("cpu", "cuda") for op in ops.OPS})
     with sam2_fast.use_backend("extension"):
         assert ops.resolve_backend("window_attention", "cuda") == "torch"
         assert ops.resolve_backend("maxpool2x2", "cuda") == "extension"
