@@ -13,9 +13,10 @@ formula that recomputes the torch implementation, so gradients flow through ever
 
 Choosing: ``SAM2_FAST_BACKEND=auto|torch|triton|extension`` (read at import), :func:`set_backend` or the
 :func:`use_backend` context manager. ``auto`` takes, per op and device, the first available of
-triton, extension, torch on CUDA (global attention: torch, whose flash SDPA measured faster) and extension, torch on
-CPU, with one warning when it has to fall back. Asking for
-a backend that cannot run raises :class:`BackendUnavailableError` naming what is missing.
+triton, extension, torch on CUDA (for global attention: torch, whose flash SDPA measured faster) and extension,
+torch on CPU, with one warning when it has to fall back. Asking for a backend that cannot run raises
+:class:`BackendUnavailableError` naming what is missing; an op that an asked-for backend has no kernel for on the
+device (the sine encoding on Triton, attention in the extension's CUDA build) runs on torch.
 """
 
 from __future__ import annotations
