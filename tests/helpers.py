@@ -67,20 +67,28 @@ def max_abs_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return (actual.double() - expected.double()).abs().max().item()
 
 
-def assert_close_verbose(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float = 0.0, name: str = ""):
-    """assert_close with a report of how many elements are off, the first bad indices and NaN/Inf mismatches."""
+def assert_close_verbose(actual: torch.Tensor, expected: torch.Tensor, atol: float = 0.0, rtol: float = 0.0,
+                         name: str = "output") -> None:
+    """assert_close that checks shape and dtype and reports the number of bad elements, the first bad ones with
+    their values, and NaN/Inf mismatches."""
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
-    a, e = actual.double(), expected.double()
-    nan_mismatch = (a.isnan() != e.isnan()).sum().item()
-    inf_mismatch = (a.isinf() != e.isinf()).sum().item()
-    bad = ((a - e).abs() > atol + rtol * e.abs()) & ~(a.isnan() & e.isnan())
-    count = bad.sum().item()
-    if count or nan_mismatch or inf_mismatch:
-        indices = bad.nonzero()[:5].tolist()
+    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != expected {expected.dtype}"
+    actual64, expected64 = actual.detach().cpu().double(), expected.detach().cpu().double()
+    nan_mismatch = actual64.isnan() != expected64.isnan()
+    inf_mismatch = actual64.isinf() != expected64.isinf()
+    both_finite = actual64.isfinite() & expected64.isfinite()
+    difference = (actual64 - expected64).abs()
+    too_far = both_finite & (difference > atol + rtol * expected64.abs())
+    bad = too_far | nan_mismatch | inf_mismatch
+    if bad.any():
+        indices = bad.nonzero()[:8].tolist()
+        details = [f"{tuple(i)}: got {actual64[tuple(i)].item():.8g}, expected {expected64[tuple(i)].item():.8g}"
+                   for i in indices]
         raise AssertionError(
-            f"{name}: {count} of {bad.numel()} elements differ beyond atol={atol:g}, rtol={rtol:g} "
-            f"(max abs error {max_abs_error(actual, expected):.3g}); first bad indices {indices}; "
-            f"NaN mismatches {nan_mismatch}, Inf mismatches {inf_mismatch}"
+            f"{name}: {int(bad.sum())} of {bad.numel()} elements differ (atol {atol}, rtol {rtol}); "
+            f"NaN mismatches {int(nan_mismatch.sum())}, Inf mismatches {int(inf_mismatch.sum())}; "
+            f"max abs difference {difference[both_finite].max().item() if both_finite.any() else float('nan'):.3g}; "
+            "first bad:\n  " + "\n  ".join(details)
         )
 
 

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 import sam2_fast
 from sam2_fast import _extension, ops, torch_ops
 
+from helpers import assert_close_verbose
+
 if _extension.load_error() is not None:
     pytest.skip(_extension.load_error(), allow_module_level=True)
 
@@ -32,30 +34,6 @@ ATTENTION_FP32_TOL = dict(atol=2e-5, rtol=2e-5)
 # rule), plus a floor for ops where both are exact.
 LOW_PRECISION_ERROR_RATIO = 2.0
 LOW_PRECISION_ERROR_FLOOR = 1e-6
-
-
-def assert_close_verbose(actual: torch.Tensor, expected: torch.Tensor, atol: float = 0.0, rtol: float = 0.0,
-                         name: str = "output") -> None:
-    """assert_close that reports the number of bad elements, the first bad indices and NaN/Inf mismatches."""
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
-    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != expected {expected.dtype}"
-    actual64, expected64 = actual.detach().cpu().double(), expected.detach().cpu().double()
-    nan_mismatch = actual64.isnan() != expected64.isnan()
-    inf_mismatch = actual64.isinf() != expected64.isinf()
-    both_finite = actual64.isfinite() & expected64.isfinite()
-    difference = (actual64 - expected64).abs()
-    too_far = both_finite & (difference > atol + rtol * expected64.abs())
-    bad = too_far | nan_mismatch | inf_mismatch
-    if bad.any():
-        indices = bad.nonzero()[:8].tolist()
-        details = [f"{tuple(i)}: got {actual64[tuple(i)].item():.8g}, expected {expected64[tuple(i)].item():.8g}"
-                   for i in indices]
-        raise AssertionError(
-            f"{name}: {int(bad.sum())} of {bad.numel()} elements differ (atol {atol}, rtol {rtol}); "
-            f"NaN mismatches {int(nan_mismatch.sum())}, Inf mismatches {int(inf_mismatch.sum())}; "
-            f"max abs difference {difference[both_finite].max().item() if both_finite.any() else float('nan'):.3g}; "
-            "first bad:\n  " + "\n  ".join(details)
-        )
 
 
 def assert_low_precision_error(name: str, ours: torch.Tensor, plain: torch.Tensor, reference: torch.Tensor) -> None:
