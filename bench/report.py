@@ -32,8 +32,8 @@ from .measure import (
     environment, rooflines, summarize, time_calls, utc_now, warm_up,
 )
 from .workloads import (
-    BENCH_OPS, COMPILE_MODE_ENV_VAR, COMPILE_MODES, EncoderSet, build_encoder, compile_mode, feature_outputs, op_callable, op_cases, op_expected, relative_error,
-    seeded_image, short_name, worst_relative_error,
+    BENCH_OPS, COMPILE_MODE_ENV_VAR, COMPILE_MODES, EncoderSet, build_encoder, compile_mode, feature_outputs,
+    op_callable, op_cases, op_expected, relative_error, seeded_image, short_name, worst_relative_error,
 )
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from sam2_fast import torch_ops
 from sam2_fast.kernels.window_attention import LaunchConfig
 
+from .workloads import relative_error
+
 # The modules (the package exports their launchers under the same names).
 global_kernel = importlib.import_module("sam2_fast.kernels.global_attention")
 window_kernel = importlib.import_module("sam2_fast.kernels.window_attention")
@@ -59,8 +61,9 @@ def cases(smoke: bool) -> List[Case]:
             for op, name, side, heads, head_dim, window in shapes for batch in (1, 8)]
 
 
-def candidates(case: Case, smoke: bool) -> List[LaunchConfig]:
-    block_d = max(16, 1 << (case.head_dim - 1).bit_length())
+def candidates(case: Case, dtype: torch.dtype, smoke: bool) -> List[LaunchConfig]:
+    """Tile and launch options to try; the head-dim padding (BLOCK_D) is the kernel's own."""
+    block_d = default_config(case, dtype).block_d
     if smoke:
         return [LaunchConfig(16, 16, block_d, 1, 1), LaunchConfig(32, 16, block_d, 2, 2)]
     if case.op == "global":
@@ -115,10 +118,6 @@ def time_ms(fn: Callable[[], object], smoke: bool) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
 
 
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.float() - expected).abs().max() / expected.abs().max()).item()
-
-
 def tune_case(case: Case, dtype: torch.dtype, device: str, smoke: bool, deadline: float) -> Dict:
     qkv, bias = inputs(case, dtype, device)
     run = runner(case, qkv, bias)
@@ -129,7 +128,7 @@ def tune_case(case: Case, dtype: torch.dtype, device: str, smoke: bool, deadline
               "default_ms": time_ms(lambda: run(default), smoke), "candidates": []}
     if case.op == "global" and not smoke:
         result["flash_sdpa_ms"] = time_ms(flash_sdpa(case, qkv), smoke)
-    for config in candidates(case, smoke):
+    for config in candidates(case, dtype, smoke):
         if time.time() > deadline:
             result["cut_short"] = True
             break
