@@ -44,15 +44,23 @@ struct TokenReader {
     return (y < height && x < width) ? data + b * stride_b + y * stride_h + x * stride_w : fill;
   }
 
-  // Asks the CPU to start loading the `channels` values of the tokens of a window_size x window_size window, so
-  // that reading them later does not stall on memory (the hardware prefetchers do not follow window rows).
-  void prefetch_window(int64_t b, int64_t y0, int64_t x0, int64_t window_size, int64_t channels) const {
+  // Asks the CPU to start loading one head's q, k and v channels (head_dim values each, at `offset`, `offset + dim`
+  // and `offset + 2 * dim`) of the tokens of a window_size x window_size window into L2, so that reading them later
+  // does not stall on memory: the hardware prefetchers do not follow window rows, and a token's channels of one head
+  // are a few cache lines out of several kilobytes.
+  void prefetch_head(int64_t b, int64_t y0, int64_t x0, int64_t window_size, int64_t dim, int64_t offset,
+                     int64_t head_dim) const {
     constexpr int64_t kCacheLine = 64;
-    const int64_t bytes = channels * static_cast<int64_t>(sizeof(scalar_t));
+    constexpr int kL2 = 2;  // __builtin_prefetch locality: keep in L2 and L3, not necessarily L1
+    const int64_t bytes = head_dim * static_cast<int64_t>(sizeof(scalar_t));
+    const int64_t part_bytes = dim * static_cast<int64_t>(sizeof(scalar_t));
     for (int64_t y = y0; y < std::min(height, y0 + window_size); ++y) {
       for (int64_t x = x0; x < std::min(width, x0 + window_size); ++x) {
-        const char* start = reinterpret_cast<const char*>(token(b, y, x));
-        for (int64_t offset = 0; offset < bytes; offset += kCacheLine) __builtin_prefetch(start + offset);
+        const char* q_start = reinterpret_cast<const char*>(token(b, y, x) + offset);
+        for (int64_t part = 0; part < 3; ++part) {
+          const char* start = q_start + part * part_bytes;
+          for (int64_t line = 0; line < bytes; line += kCacheLine) __builtin_prefetch(start + line, 0, kL2);
+        }
       }
     }
   }
@@ -120,6 +128,11 @@ inline at::Tensor checked_qkv(const at::Tensor& qkv, int64_t num_heads, const ch
   return qkv.stride(3) == 1 ? qkv : qkv.contiguous();
 }
 
+
+// How many tasks ahead each thread prefetches the q, k and v it will read. Against prefetching the whole next
+// window at its first head, on a 2-core AMD EPYC at tiny's seven window shapes (in-model sizes, 8 rotating inputs,
+// interleaved): 1 task ahead took 5-8% less time per forward, 2 ahead 7-11%, 4 ahead 9-13%.
+constexpr int64_t kPrefetchTasksAhead = 4;
 
 at::Tensor window_attention_cpu(
     const at::Tensor& qkv_in, const std::optional<at::Tensor>& qkv_bias, int64_t num_heads, int64_t window_size,
@@ -194,10 +207,14 @@ at::Tensor window_attention_cpu(
         const scalar_t* q_bias = added_bias == nullptr ? nullptr : added_bias + q_offset;
         const scalar_t* k_bias = added_bias == nullptr ? nullptr : added_bias + k_offset;
         const scalar_t* v_bias = added_bias == nullptr ? nullptr : added_bias + v_offset;
-        if (head == 0 && window + 1 < batch * rows * cols) {
-          const int64_t next_col = (window + 1) % cols, next_row = ((window + 1) / cols) % rows;
-          reader.prefetch_window((window + 1) / (cols * rows), next_row * window_size, next_col * window_size,
-                                 window_size, 3 * dim);
+        // The task kPrefetchTasksAhead later in this thread's range (with a few heads: the next window's same
+        // head) has its inputs fetched while this one computes; one task ahead leaves too little time.
+        if (task + kPrefetchTasksAhead < end) {
+          const int64_t ahead = task + kPrefetchTasksAhead;
+          const int64_t ahead_window = ahead / num_heads, ahead_col = ahead_window % cols;
+          const int64_t ahead_row = (ahead_window / cols) % rows, ahead_b = ahead_window / (cols * rows);
+          reader.prefetch_head(ahead_b, ahead_row * window_size, ahead_col * window_size, window_size, dim,
+                               (ahead % num_heads) * head_dim, head_dim);
         }
         // Only the queries that survive the crop are computed (padding tokens still attend as keys): in a window
         // that overhangs the map, query (qy, qx) is row qy * valid_w + qx of the packed problem.
