@@ -32,6 +32,9 @@
 namespace sam2_fast {
 namespace {
 
+constexpr int64_t kCacheLine = 64;
+constexpr int kPrefetchToL2 = 2;  // __builtin_prefetch locality 2: into L2 and L3, not necessarily L1
+
 // Where each token's 3 * dim channels are: qkv[b, y, x, :] inside the map, `fill` (the qkv bias, or zeros) for the
 // padding tokens a window reaches beyond it.
 template <typename scalar_t>
@@ -50,8 +53,6 @@ struct TokenReader {
   // are a few cache lines out of several kilobytes.
   void prefetch_head(int64_t b, int64_t y0, int64_t x0, int64_t window_size, int64_t dim, int64_t offset,
                      int64_t head_dim) const {
-    constexpr int64_t kCacheLine = 64;
-    constexpr int kL2 = 2;  // __builtin_prefetch locality: keep in L2 and L3, not necessarily L1
     const int64_t bytes = head_dim * static_cast<int64_t>(sizeof(scalar_t));
     const int64_t part_bytes = dim * static_cast<int64_t>(sizeof(scalar_t));
     for (int64_t y = y0; y < std::min(height, y0 + window_size); ++y) {
@@ -59,7 +60,7 @@ struct TokenReader {
         const char* q_start = reinterpret_cast<const char*>(token(b, y, x) + offset);
         for (int64_t part = 0; part < 3; ++part) {
           const char* start = q_start + part * part_bytes;
-          for (int64_t line = 0; line < bytes; line += kCacheLine) __builtin_prefetch(start + line, 0, kL2);
+          for (int64_t line = 0; line < bytes; line += kCacheLine) __builtin_prefetch(start + line, 0, kPrefetchToL2);
         }
       }
     }
@@ -69,10 +70,9 @@ struct TokenReader {
 // Asks the CPU to start fetching the `count` values at `data` into L2 for writing.
 template <typename scalar_t>
 inline void prefetch_for_write(const scalar_t* data, int64_t count) {
-  constexpr int64_t kCacheLine = 64;
   const char* start = reinterpret_cast<const char*>(data);
   for (int64_t line = 0; line < count * static_cast<int64_t>(sizeof(scalar_t)); line += kCacheLine) {
-    __builtin_prefetch(start + line, 1, 2);
+    __builtin_prefetch(start + line, 1, kPrefetchToL2);
   }
 }
 
