@@ -188,9 +188,17 @@ at::Tensor window_attention_cpu(
   const auto window_keys = [&](int64_t in_h, int64_t in_w) -> int64_t {
     return in_h * in_w + (in_h * in_w < window_size * window_size ? 1 : 0);
   };
+  // Task t is head t % num_heads of window t / num_heads; windows go row-major over each image, images in order.
+  struct TaskPlace {
+    int64_t b, row, col, head;
+  };
+  const auto place_of = [&](int64_t task) -> TaskPlace {
+    const int64_t window = task / num_heads;
+    return {window / (cols * rows), (window / cols) % rows, window % cols, task % num_heads};
+  };
   // Attention of the kept queries plus reading the window's keys and values.
   const auto task_cost = [&](int64_t task) -> int64_t {
-    const int64_t window = task / num_heads, row = (window / cols) % rows, col = window % cols;
+    const auto [b, row, col, head] = place_of(task);
     const auto [kept_h, kept_w] = kept_extent(row, col);
     const auto [in_h, in_w] = in_map_extent(row, col);
     const int64_t kept_queries = kept_h > 0 && kept_w > 0 ? kept_h * kept_w : 0;
@@ -201,6 +209,11 @@ at::Tensor window_attention_cpu(
     const TokenReader<scalar_t> reader{qkv.const_data_ptr<scalar_t>(), fill.const_data_ptr<scalar_t>(),
                                        qkv.stride(0), qkv.stride(1), qkv.stride(2), height, width};
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    // Unpartition: query (qy, qx) of window (row, col) lands at (row * out_window + qy, col * out_window + qx); the
+    // head's channels start at `channel`.
+    const auto output_slice = [&](int64_t b, int64_t row, int64_t col, int64_t qy, int64_t qx, int64_t channel) {
+      return dst + ((b * out_h + row * out_window + qy) * out_w + col * out_window + qx) * dim + channel;
+    };
     const scalar_t* added_bias = add_bias ? bias.const_data_ptr<scalar_t>() : nullptr;
     parallel_for_balanced(num_tasks, 1 << 18, task_cost, [&](int64_t begin, int64_t end) {
       // Sized for a full window; each task zeroes the padding its own shape leaves, as attention_f32 expects.
@@ -211,8 +224,7 @@ at::Tensor window_attention_cpu(
       std::vector<float> result(shape.query_rows() * shape.value_stride());
       std::vector<float> key_logit_offsets(shape.num_keys, 0.0f);
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t head = task % num_heads, window = task / num_heads;
-        const int64_t col = window % cols, row = (window / cols) % rows, b = window / (cols * rows);
+        const auto [b, row, col, head] = place_of(task);
         const int64_t y0 = row * window_size, x0 = col * window_size;
         const int64_t q_offset = head * head_dim, k_offset = dim + q_offset, v_offset = 2 * dim + q_offset;
         const scalar_t* q_bias = added_bias == nullptr ? nullptr : added_bias + q_offset;
@@ -221,18 +233,16 @@ at::Tensor window_attention_cpu(
         // The task kPrefetchTasksAhead later in this thread's range (with a few heads: the next window's same
         // head) has its inputs fetched while this one computes; one task ahead leaves too little time.
         if (task + kPrefetchTasksAhead < end) {
-          const int64_t ahead = task + kPrefetchTasksAhead;
-          const int64_t ahead_window = ahead / num_heads, ahead_col = ahead_window % cols;
-          const int64_t ahead_row = (ahead_window / cols) % rows, ahead_b = ahead_window / (cols * rows);
-          const int64_t ahead_offset = (ahead % num_heads) * head_dim;
-          reader.prefetch_head(ahead_b, ahead_row * window_size, ahead_col * window_size, window_size, dim,
+          const TaskPlace ahead = place_of(task + kPrefetchTasksAhead);
+          const int64_t ahead_offset = ahead.head * head_dim;
+          reader.prefetch_head(ahead.b, ahead.row * window_size, ahead.col * window_size, window_size, dim,
                                ahead_offset, head_dim);
           // Its output slices too, for writing: the unpartition's scattered stores otherwise stall on their misses.
-          const auto [ahead_h, ahead_w] = kept_extent(ahead_row, ahead_col);
+          const auto [ahead_h, ahead_w] = kept_extent(ahead.row, ahead.col);
           for (int64_t qy = 0; qy < ahead_h; ++qy) {
-            const scalar_t* out_row =
-                dst + ((ahead_b * out_h + ahead_row * out_window + qy) * out_w + ahead_col * out_window) * dim;
-            for (int64_t qx = 0; qx < ahead_w; ++qx) prefetch_for_write(out_row + qx * dim + ahead_offset, head_dim);
+            for (int64_t qx = 0; qx < ahead_w; ++qx) {
+              prefetch_for_write(output_slice(ahead.b, ahead.row, ahead.col, qy, qx, ahead_offset), head_dim);
+            }
           }
         }
         // Only the queries that survive the crop are computed (padding tokens still attend as keys): in a window
@@ -271,13 +281,10 @@ at::Tensor window_attention_cpu(
                       padding > 0 ? key_logit_offsets.data() : nullptr, scores.data(), inverse_sums.data(),
                       result.data());
         if (padding > 0) key_logit_offsets[task_shape.num_keys - 1] = 0.0f;
-        // Unpartition: query (qy, qx) of this window lands at (row * out_window + qy, col * out_window + qx).
         for (int64_t qy = 0; qy < valid_h; ++qy) {
-          const int64_t oy = row * out_window + qy;
           for (int64_t qx = 0; qx < valid_w; ++qx) {
-            const int64_t ox = col * out_window + qx;
             const float* src = result.data() + (qy * valid_w + qx) * task_shape.value_stride();
-            scalar_t* out_token = dst + ((b * out_h + oy) * out_w + ox) * dim + q_offset;
+            scalar_t* out_token = output_slice(b, row, col, qy, qx, q_offset);
             for (int64_t d = 0; d < head_dim; ++d) out_token[d] = static_cast<scalar_t>(src[d]);
           }
         }
