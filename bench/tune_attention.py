@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from sam2_fast import torch_ops
+from sam2_fast import op_shapes, torch_ops
 from sam2_fast.kernels.window_attention import LaunchConfig
 
 from .workloads import relative_error
@@ -69,7 +69,7 @@ def candidates(case: Case, dtype: torch.dtype, smoke: bool) -> List[LaunchConfig
     if case.op == "global":
         grid = itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))
     else:
-        queries = (case.window // 2) ** 2 if case.q_pool else case.window**2
+        queries = op_shapes.queries_per_window(case.window, case.q_pool)
         block_ms = sorted({min(m, max(16, 1 << (queries - 1).bit_length())) for m in (64, 128)})
         grid = itertools.product(block_ms, (32, 64), (4, 8), (2, 3))
     return [LaunchConfig(m, n, block_d, w, s) for m, n, w, s in grid]

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sam2_fast
-from sam2_fast import ops, torch_ops
+from sam2_fast import op_shapes, ops, torch_ops
 from sam2_fast.reference import build_reference_encoder
 
 from .matrix import Impl
@@ -249,7 +249,7 @@ class OpCase:
 def _window_flops(batch, height, width, window_size, num_heads, head_dim, q_pool) -> float:
     windows = batch * -(-height // window_size) * -(-width // window_size)
     keys = window_size * window_size
-    queries = (window_size // 2) ** 2 if q_pool else keys
+    queries = op_shapes.queries_per_window(window_size, q_pool)
     return 4.0 * windows * num_heads * queries * keys * head_dim
 
 

@@ -15,6 +15,7 @@ import triton.language as tl
 
 from .window_attention import (
     _LOG2_E, TRITON_DTYPES, LaunchConfig, _attend, _load_query_rows, check_qkv, dot_in_fp32, max_block_n,
+    padded_head_dim,
 )
 
 
@@ -73,7 +74,7 @@ def _global_blocks(head_dim: int, dtype: torch.dtype) -> LaunchConfig:
     """The head dim is padded to a power of two in registers. 16-bit: 128 queries x 64 keys, 8 warps, the config
     that was within 15% of the best at every stage-3 global block of tiny, base_plus and large at 1024x1024, batch 1
     and 8, on an H200 (``python -m bench.tune_attention``). fp32 keeps 64 queries x 16 keys (see ``max_block_n``)."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = padded_head_dim(head_dim)
     if dtype == torch.float32:
         return LaunchConfig(64, max_block_n(dtype), block_d, 4, 3)
     return LaunchConfig(128, 64, block_d, 8, 3)

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..op_shapes import queries_per_window
 from ..torch_ops import add_qkv_bias
 
 _LOG2_E = 1.4426950408889634
@@ -205,6 +206,11 @@ def max_block_n(dtype: torch.dtype) -> int:
     return 16 if dtype == torch.float32 else 64
 
 
+def padded_head_dim(head_dim: int) -> int:
+    """BLOCK_D: the head dim padded to a power of two (at least 16, ``tl.dot``'s minimum) in registers."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
 class LaunchConfig(NamedTuple):
     """Tile sizes and launch options of one attention kernel variant."""
 
@@ -227,9 +233,9 @@ def _window_blocks(window_size: int, q_pool: bool, head_dim: int, dtype: torch.d
     head dim 56) ran 11% (batch 1) and 16% (batch 8) faster so (``python -m bench.tune_attention``). Key blocks
     and the rest as measured best there for windows of 8.
     """
-    num_queries = (window_size // 2) ** 2 if q_pool else window_size**2
+    num_queries = queries_per_window(window_size, q_pool)
     num_keys = window_size**2
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = padded_head_dim(head_dim)
     block_n = min(max_block_n(dtype), max(16, triton.next_power_of_2(num_keys)))
     if num_queries > 64 and dtype != torch.float32:
         return LaunchConfig(128, block_n, block_d, 8, 3)
@@ -283,7 +289,7 @@ def window_attention(
 
     config = config or _window_blocks(window_size, q_pool, head_dim, qkv.dtype)
     window_rows, window_cols = triton.cdiv(height, window_size), triton.cdiv(width, window_size)
-    num_queries = (window_size // 2) ** 2 if q_pool else window_size**2
+    num_queries = queries_per_window(window_size, q_pool)
     grid = (window_rows * window_cols * triton.cdiv(num_queries, config.block_m), num_heads, batch)
     _window_attention_kernel[grid](
         qkv, qkv if qkv_bias is None else qkv_bias, out,

@@ -19,6 +19,11 @@ def attention_output(qkv: torch.Tensor, num_heads: int, q_pool: bool) -> torch.T
     return qkv.new_empty(batch, height, width, channels3 // 3)
 
 
+def queries_per_window(window_size: int, q_pool: bool) -> int:
+    """The query tokens of one window: all of its window_size**2 tokens, or a quarter with 2x2 q-pooling."""
+    return (window_size // 2) ** 2 if q_pool else window_size**2
+
+
 def window_attention_output(qkv: torch.Tensor, num_heads: int, window_size: int, q_pool: bool) -> torch.Tensor:
     torch._check(window_size > 0, lambda: f"window_size must be positive, got {window_size}")
     torch._check(not q_pool or window_size % 2 == 0, lambda: f"q_pool needs an even window_size, got {window_size}")

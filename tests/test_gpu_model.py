@@ -17,7 +17,9 @@ import sam2_fast
 from sam2_fast import _extension, ops
 from sam2_fast.configs import CONFIGS
 
-from helpers import check_fp32_outputs, check_low_precision_outputs, encoder_pair, flat_outputs, run_encoder
+from helpers import (
+    check_fp32_outputs, check_low_precision_outputs, encoder_pair, flat_outputs, max_abs_error, run_encoder,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -111,5 +113,5 @@ def test_compiled_encoder_fullgraph_matches_eager(autocast_dtype):
         # differently: fp32 to a few ulps per layer, bf16 to its own rounding of those intermediates.
         tolerance = 1e-4 if autocast_dtype is None else 5e-2
         scale = max(expected.float().abs().max().item(), 1.0)
-        error = (actual.float() - expected.float()).abs().max().item() / scale
+        error = max_abs_error(actual, expected) / scale
         assert error <= tolerance, f"{name}: compiled vs eager error {error:.3g} > {tolerance:g}"
