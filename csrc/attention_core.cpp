@@ -5,35 +5,14 @@
 
 #include "attention_core.h"
 #include "cpu_utils.h"
+#include "vec8.h"
 
 #include <cmath>
-#include <cstring>
-
-// The 8-float vector type only lives inside this file, so the ABI note on passing it by value does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
 
 namespace sam2_fast {
 namespace {
 
-// Every helper is forced inline so that it is compiled into each target clone of attention_f32 (an out-of-line copy
-// would be baseline-ISA code with its accumulators in memory).
-#define SAM2_FAST_INLINE inline __attribute__((always_inline))
-
-typedef float vec8 __attribute__((vector_size(32)));
-typedef int32_t ivec8 __attribute__((vector_size(32)));
-constexpr int64_t kLanes = 8;
 constexpr int64_t kVectorsPerBlock = kColumnBlock / kLanes;
-
-SAM2_FAST_INLINE vec8 load(const float* p) {
-  vec8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-SAM2_FAST_INLINE void store(float* p, vec8 v) { std::memcpy(p, &v, sizeof(v)); }
-
-SAM2_FAST_INLINE vec8 broadcast(float value) { return vec8{} + value; }
 
 // exp(x) for x <= 0 (Cephes' expf polynomial, about 2 ulp); 0 below -87 where expf underflows.
 SAM2_FAST_INLINE vec8 exp_nonpositive(vec8 x) {

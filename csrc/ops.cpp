@@ -34,6 +34,7 @@ TORCH_LIBRARY(sam2_fast_ext, m) {
   m.def("global_attention(Tensor qkv, int num_heads, bool q_pool) -> Tensor");
   m.def("maxpool2x2(Tensor x) -> Tensor");
   m.def("fpn_upsample_add(Tensor lateral, Tensor prev) -> Tensor");
+  m.def("bias_gelu_(Tensor(a!) x, Tensor? bias) -> ()");
   m.def(
       "sine_position_encoding(int height, int width, int num_pos_feats, float temperature, bool normalize, "
       "float scale, Device device) -> Tensor");

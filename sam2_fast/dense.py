@@ -1,12 +1,13 @@
 """The encoder's GEMMs: linear layers (alone, with their GELU, with their residual add) and 1x1 convolutions.
 
-These are plain ATen calls arranged to spend fewer passes over memory than ``F.linear`` followed by separate
+These are ATen GEMMs arranged to spend fewer passes over memory than ``F.linear`` followed by separate
 elementwise ops, on every device and backend:
 
 - ``linear_add``: ``residual + linear(x)`` starts from ``residual + bias`` (one pass) and lets the GEMM accumulate
   into it (``addmm_`` with beta=1). ``residual + F.linear(x)`` instead broadcasts the bias into a fresh output, runs
   the GEMM, and adds the residual in a third pass into a second fresh buffer.
-- ``linear_gelu``: the GELU runs in place on the GEMM's output when no gradient needs its input.
+- ``linear_gelu``: the GELU runs in place on the GEMM's output when no gradient needs its input; in fp32 on a
+  backend with a fused bias + GELU kernel (the CPU extension), the GEMM skips its bias and that kernel adds it.
 - ``conv2d``: a 1x1, stride-1 convolution of a channels-last map is a GEMM over its pixels; it is computed as one
   and returned as a channels-last (B, C, H, W) view.
 
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
+from . import ops
 from .precision import emulated_compute_dtype, rounded_fp32
 
 
@@ -48,11 +50,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) 
 
 
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``F.gelu(linear(x))`` (exact, erf GELU), in place on the GEMM's output when no gradient needs it."""
-    out = linear(x, weight, bias)
+    """``F.gelu(linear(x))`` (exact, erf GELU), in place on the GEMM's output when no gradient needs it.
+
+    In fp32 where the op layer has a fused bias + GELU kernel, the GEMM leaves the bias out and that kernel adds it
+    in its one pass (adding it after the GEMM rounds as adding it inside does, see adds_in_fp32)."""
     if _needs_grad(x, weight, bias):
-        return F.gelu(out)
-    return torch.ops.aten.gelu_(out)
+        return F.gelu(linear(x, weight, bias))
+    if adds_in_fp32(x, weight) and ops.bias_gelu_is_fused(x.device.type):
+        return ops.bias_gelu_(linear(x, weight, None), bias)
+    return torch.ops.aten.gelu_(linear(x, weight, bias))
 
 
 def adds_in_fp32(x: torch.Tensor, weight: torch.Tensor) -> bool:

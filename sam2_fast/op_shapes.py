@@ -45,5 +45,16 @@ def fpn_upsample_add_output(lateral: torch.Tensor, prev: torch.Tensor) -> torch.
     return lateral.new_empty(lateral.shape, dtype=torch.promote_types(lateral.dtype, torch.float32))
 
 
+def check_bias_gelu(x: torch.Tensor, bias) -> None:
+    """The arguments of bias_gelu_ (in place, so its fakes return nothing new): x (..., C) and bias (C,) or None."""
+    torch._check(x.dim() >= 1, lambda: "bias_gelu_: expected a tensor of shape (..., C), got a scalar")
+    if bias is not None:
+        torch._check(
+            bias.dim() == 1 and bias.shape[0] == x.shape[-1],
+            lambda: f"bias_gelu_: expected a bias of shape ({x.shape[-1]},) for x of shape {tuple(x.shape)}, "
+            f"got {tuple(bias.shape)}",
+        )
+
+
 def sine_position_encoding_output(height: int, width: int, num_pos_feats: int, device: torch.device) -> torch.Tensor:
     return torch.empty(1, 2 * num_pos_feats, height, width, dtype=torch.float32, device=device)

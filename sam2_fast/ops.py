@@ -34,14 +34,18 @@ from .precision import emulated_attention_dtype, rounded_fp32
 
 BACKENDS = ("torch", "triton", "extension")
 BACKEND_ENV_VAR = "SAM2_FAST_BACKEND"
-OPS = ("window_attention", "global_attention", "maxpool2x2", "fpn_upsample_add", "sine_position_encoding")
+OPS = (
+    "window_attention", "global_attention", "maxpool2x2", "fpn_upsample_add", "bias_gelu_", "sine_position_encoding",
+)
 
 # Preference order of ``auto`` per device type.
 _AUTO_ORDER = {"cuda": ("triton", "extension", "torch"), "cpu": ("extension", "torch")}
 # Where one op's measured best differs from its device's order. Global attention on CUDA: torch's flash SDPA ran
 # 1.5-1.7x faster than the tuned Triton kernel at every config's global blocks at 1024x1024 on an H200 (bf16, batch
 # 1 and 8; ``python -m bench.tune_attention``), so ``auto`` takes torch there; the kernel stays selectable.
-_AUTO_ORDER_BY_OP = {("cuda", "global_attention"): ("torch",)}
+# bias_gelu_ has CPU kernels only (on CUDA, torch's GELU is already one memory-bound pass), so it skips the fallback
+# warning there.
+_AUTO_ORDER_BY_OP = {("cuda", "global_attention"): ("torch",), ("cuda", "bias_gelu_"): ("torch",)}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -256,6 +260,16 @@ def _(lateral, prev, backend):
     return op_shapes.fpn_upsample_add_output(lateral, prev)
 
 
+@torch.library.custom_op("sam2_fast::bias_gelu_", mutates_args=("x",))
+def _bias_gelu_op(x: torch.Tensor, bias: Optional[torch.Tensor], backend: str) -> None:
+    _fast_impl("bias_gelu_", backend)(x, bias)
+
+
+@_bias_gelu_op.register_fake
+def _(x, bias, backend):
+    op_shapes.check_bias_gelu(x, bias)
+
+
 @torch.library.custom_op("sam2_fast::sine_position_encoding", mutates_args=())
 def _sine_position_encoding_op(
     height: int, width: int, num_pos_feats: int, temperature: float, normalize: bool, scale: float,
@@ -329,14 +343,19 @@ def _run(op: str, custom_op, backend: str, tensors: Tuple[Optional[torch.Tensor]
     The custom op's Python wrapper (about 0.1 ms a call) is what tracing (torch.compile, torch.export) and autograd
     need; a forward with neither (no input that needs a gradient, no fake or functional tensors) skips it.
     """
+    if _needs_custom_op(tensors):
+        return custom_op(*args, backend)
+    return _fast_impl(op, backend)(*args).contiguous()
+
+
+def _needs_custom_op(tensors: Tuple[Optional[torch.Tensor], ...]) -> bool:
+    """Whether a call with these tensors is traced or recorded by autograd, and so must go through the custom op."""
     present = [t for t in tensors if t is not None]
-    if (
+    return (
         torch.compiler.is_compiling()
         or not all(_is_plain(t) for t in present)
         or (torch.is_grad_enabled() and any(t.requires_grad for t in present))
-    ):
-        return custom_op(*args, backend)
-    return _fast_impl(op, backend)(*args).contiguous()
+    )
 
 
 def window_attention(
@@ -397,6 +416,25 @@ def fpn_upsample_add(lateral: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     if backend == "torch":
         return torch_ops.fpn_upsample_add(lateral, prev)
     return _run("fpn_upsample_add", _fpn_upsample_add_op, backend, (lateral, prev), lateral, prev)
+
+
+def bias_gelu_(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x = gelu(x + bias)`` in place (exact, erf GELU), returning ``x``: for a GEMM's fresh output that no
+    gradient needs (the op has no autograd formula); see torch_ops.bias_gelu_."""
+    backend = resolve_backend("bias_gelu_", x.device.type)
+    if backend == "torch":
+        return torch_ops.bias_gelu_(x, bias)
+    if _needs_custom_op((x, bias)):
+        _bias_gelu_op(x, bias, backend)
+    else:
+        _fast_impl("bias_gelu_", backend)(x, bias)
+    return x
+
+
+def bias_gelu_is_fused(device_type: str) -> bool:
+    """Whether bias_gelu_ on ``device_type`` runs a fused kernel (the CPU extension's), so that a caller gains by
+    running its GEMM without the bias and handing both to it, instead of a GEMM with bias and torch's GELU."""
+    return resolve_backend("bias_gelu_", device_type) != "torch"
 
 
 def sine_position_encoding(

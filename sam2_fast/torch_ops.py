@@ -110,6 +110,15 @@ def fpn_upsample_add(lateral: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     return lateral + upsampled
 
 
+def bias_gelu_(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x = gelu(x + bias)`` in place (the exact, erf GELU), returning ``x``; ``bias`` is (C,) for x's last dim C,
+    or None. The MLP's first GEMM run without its bias, then this: one pass instead of the bias broadcast plus the
+    GELU pass, where a backend fuses it."""
+    if bias is not None:
+        x.add_(bias)
+    return torch.ops.aten.gelu_(x)
+
+
 def sine_position_encoding(
     height: int,
     width: int,

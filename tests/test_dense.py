@@ -4,13 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sam2_fast import dense, hiera
+import sam2_fast
+from sam2_fast import dense, hiera, ops
 
 from helpers import assert_close_verbose, encoder_pair, flat_outputs
 
 # fp32: the folded forms add the same terms in another order (residual + bias first, then the GEMM), so they may
 # differ from the plain sequence by a few ulps of the result, ~1e-6 relative at these sizes.
 FP32_ATOL = 1e-5
+CPU_BACKENDS = [b for b in ("torch", "extension") if ops._unavailable_reason("bias_gelu_", b, "cpu") is None]
 
 
 def _operands(rows=(3, 5, 7), in_features=24, out_features=40, seed=0):
@@ -57,11 +59,40 @@ def test_linear_add_under_autocast_keeps_the_reference_dtypes():
     torch.testing.assert_close(out, expected, atol=2e-2, rtol=2**-7)
 
 
+# The fused bias + GELU kernel's erf is within 4.1e-7 of erf (ATen's 3.2e-8; csrc/bias_gelu.cpp), so its GELU of
+# these |x| < 8 pre-activations may differ from torch's by about 0.5 * 8 * 4.1e-7 plus an ulp.
+FUSED_GELU_ATOL = 2e-6
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("autocast", [False, True])
+def test_linear_gelu_hands_the_bias_to_a_fused_gelu_in_fp32_only(monkeypatch, backend, autocast):
+    # fp32: the GEMM leaves out its bias and the fused kernel adds it. Under bf16 autocast the GEMM's output is
+    # rounded to bf16, so adding the bias afterwards would round twice: the GEMM keeps it and torch's GELU runs.
+    calls = []
+    bias_gelu_ = ops.bias_gelu_
+
+    def spy(x, bias):
+        calls.append(bias)
+        return bias_gelu_(x, bias)
+
+    monkeypatch.setattr(ops, "bias_gelu_", spy)
+    x, weight, bias, _ = _operands()
+    with sam2_fast.use_backend(backend), torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        out = dense.linear_gelu(x, weight, bias)
+        expected = F.gelu(F.linear(x, weight, bias))
+    fused = backend == "extension" and not autocast
+    assert len(calls) == fused and (not fused or calls[0] is bias)
+    assert out.dtype == expected.dtype
+    if not autocast:
+        assert_close_verbose(out, expected, atol=FUSED_GELU_ATOL if fused else 1e-6, name=f"linear_gelu {backend}")
+
+
 def test_linear_gelu_in_place_and_with_gradients():
     x, weight, bias, _ = _operands()
     expected = F.gelu(F.linear(x, weight, bias))
     with torch.no_grad():
-        assert_close_verbose(dense.linear_gelu(x, weight, bias), expected, atol=1e-6, name="no_grad")
+        assert_close_verbose(dense.linear_gelu(x, weight, bias), expected, atol=FUSED_GELU_ATOL, name="no_grad")
     x.requires_grad_(True)
     out = dense.linear_gelu(x, weight, bias)
     assert_close_verbose(out.detach(), expected, atol=1e-6, name="with grad")

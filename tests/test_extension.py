@@ -254,6 +254,71 @@ def test_attention_rejects_bad_channels():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# bias_gelu_
+
+# The kernel's erf is a rational fit within 4.1e-7 of erf when evaluated in fp32 (ATen's is within 3.2e-8; see
+# csrc/bias_gelu.cpp), so its GELU is within 0.5 * |x| * 4.1e-7 plus two fp32 rounding steps (2 * 6e-8 relative) of
+# the exact one: checked against a float64 GELU, not against torch's fp32 one, which has its own few-ulp error.
+GELU_ERF_ERROR = 4.1e-7
+GELU_RELATIVE_ROUNDING = 1.2e-7
+
+
+def assert_gelu_accurate(ours: torch.Tensor, pre_activation: torch.Tensor, name: str) -> None:
+    exact = F.gelu(pre_activation.double())
+    error = (ours.double() - exact).abs()
+    bound = 0.5 * GELU_ERF_ERROR * pre_activation.double().abs() + GELU_RELATIVE_ROUNDING * exact.abs()
+    bad = ~(error <= bound)
+    assert not bad.any(), (
+        f"{name}: {int(bad.sum())} of {error.numel()} values beyond the GELU error bound; worst: x = "
+        f"{pre_activation.flatten()[error.flatten().argmax()].item():.6g}, error {error.max().item():.3g}"
+    )
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided_channels"])
+@pytest.mark.parametrize("shape", [(1, 8), (3, 7, 13), (2, 5, 6, 33), (257, 3072)])
+def test_bias_gelu_fp32(shape, with_bias, layout):
+    generator = torch.Generator().manual_seed(0)
+    storage = 4 * torch.randn(*shape[:-1], 2 * shape[-1], generator=generator)
+    if layout == "strided_channels":
+        x = storage[..., ::2]
+    elif layout == "transposed" and len(shape) > 2:
+        x = storage[..., : shape[-1]].transpose(0, 1).contiguous().transpose(0, 1)
+    else:
+        x = storage[..., : shape[-1]].contiguous()
+    bias = torch.randn(shape[-1], generator=generator) if with_bias else None
+    untouched = storage[..., 1::2].clone()
+    pre_activation = x + bias if with_bias else x.clone()
+    EXT.bias_gelu_(x, bias)
+    assert_gelu_accurate(x, pre_activation, f"bias_gelu_ {shape} {layout}")
+    if layout == "strided_channels":  # the values between x's strided channels are left alone
+        assert torch.equal(storage[..., 1::2], untouched)
+
+
+def test_bias_gelu_over_the_whole_range_and_special_values():
+    # Every region of the fit, the clamp at |x| = 5.55 (beyond it erf rounds to +-1) and far beyond it.
+    x = torch.cat([torch.linspace(-12, 12, 240_001), torch.tensor([5.5507, 5.5508, 5.551, -5.5508, 1e-30, -1e-30])])
+    out = x.clone()
+    EXT.bias_gelu_(out, None)
+    assert_gelu_accurate(out, x, "bias_gelu_ range")
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e30, -1e30, 3.4e38, -3.4e38])
+    out = special.clone()
+    EXT.bias_gelu_(out, None)
+    torch.testing.assert_close(out, F.gelu(special), equal_nan=True, atol=0, rtol=0)
+
+
+def test_bias_gelu_rejects_bad_arguments():
+    with pytest.raises(RuntimeError, match="expected a float32 tensor, got BFloat16"):
+        EXT.bias_gelu_(torch.randn(2, 8, dtype=torch.bfloat16), None)
+    with pytest.raises(RuntimeError, match=r"expected a bias of shape \(8,\) for x of shape \[2, 8\], got \[7\]"):
+        EXT.bias_gelu_(torch.randn(2, 8), torch.randn(7))
+    with pytest.raises(RuntimeError, match="expected a float32 bias, got Double"):
+        EXT.bias_gelu_(torch.randn(2, 8), torch.randn(8, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="got a scalar"):
+        EXT.bias_gelu_(torch.tensor(1.0), None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # opcheck: schema, fake implementation, autograd registration and dynamic-shape tracing of every op
 
 def _opcheck_samples():
@@ -268,6 +333,7 @@ def _opcheck_samples():
         pytest.param(EXT.window_attention, (torch.randn(1, 9, 10, 30), None, 2, 4, True), id="window_attention_q_pool"),
         pytest.param(EXT.window_attention, (torch.randn(1, 9, 10, 30), bias, 2, 4, True, True),
                      id="window_attention_add_bias"),
+        pytest.param(EXT.bias_gelu_, (torch.randn(2, 5, 13), torch.randn(13)), id="bias_gelu_"),
         pytest.param(EXT.global_attention, (torch.randn(2, 5, 6, 30), 2, False), id="global_attention"),
         pytest.param(EXT.global_attention, (torch.randn(1, 7, 6, 30), 2, True), id="global_attention_q_pool"),
     ]
@@ -343,6 +409,12 @@ def test_op_layer_runs_the_extension():
         lateral, prev = _fpn_inputs(2, 5, 3, 4, "cpu", torch.bfloat16, torch.bfloat16, True)
         assert_close_verbose(ops.fpn_upsample_add(lateral, prev), torch_ops.fpn_upsample_add(lateral, prev),
                              name="ops.fpn_upsample_add")
+        x = torch.randn(3, 7, 29)
+        bias = torch.randn(29)
+        expected = torch_ops.bias_gelu_(x.clone(), bias)
+        out = ops.bias_gelu_(x, bias)
+        assert out is x
+        assert_close_verbose(out, expected, atol=1e-5, name="ops.bias_gelu_")
         args = (12, 20, 64, 10000.0, True, 2 * math.pi, "cpu")
         assert_close_verbose(ops.sine_position_encoding(*args),
                              torch_ops.sine_position_encoding(*args[:-1], torch.device("cpu")),
