@@ -16,7 +16,8 @@ Choosing: ``SAM2_FAST_BACKEND=auto|torch|triton|extension`` (read at import), :f
 triton, extension, torch on CUDA (for global attention: torch, whose flash SDPA measured faster) and extension,
 torch on CPU, with one warning when it has to fall back. Asking for a backend that cannot run raises
 :class:`BackendUnavailableError` naming what is missing; an op that an asked-for backend has no kernel for on the
-device (the sine encoding on Triton, attention in the extension's CUDA build) runs on torch.
+device (the sine encoding and the bias + GELU on Triton, attention and the bias + GELU in the extension's CUDA
+build) runs on torch.
 """
 
 from __future__ import annotations
@@ -421,6 +422,11 @@ def fpn_upsample_add(lateral: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
 def bias_gelu_(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``x = gelu(x + bias)`` in place (exact, erf GELU), returning ``x``: for a GEMM's fresh output that no
     gradient needs (the op has no autograd formula); see torch_ops.bias_gelu_."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias)):
+        raise ValueError(
+            "bias_gelu_ works in place and has no backward: it is for activations no gradient needs, got a tensor "
+            "that requires grad (use torch.nn.functional.gelu(x + bias) where gradients are needed)"
+        )
     backend = resolve_backend("bias_gelu_", x.device.type)
     if backend == "torch":
         return torch_ops.bias_gelu_(x, bias)

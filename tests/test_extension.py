@@ -421,6 +421,12 @@ def test_op_layer_runs_the_extension():
                              name="ops.sine_position_encoding")
 
 
+@pytest.mark.parametrize("backend", ["torch", "extension"])
+def test_op_layer_bias_gelu_refuses_tensors_that_need_gradients(backend):
+    with sam2_fast.use_backend(backend), pytest.raises(ValueError, match="has no backward"):
+        ops.bias_gelu_(torch.randn(2, 5), torch.randn(5, requires_grad=True))
+
+
 @pytest.mark.parametrize("add_bias", [False, True])
 def test_op_layer_gradients_flow_through_the_extension(add_bias):
     qkv = torch.randn(1, 9, 6, 3 * 2 * 5, requires_grad=True)
