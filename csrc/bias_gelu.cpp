@@ -7,8 +7,9 @@
 //
 // gelu(x) = x * (1 + erf(x / sqrt(2))) / 2 with erf from a rational fit, z * P(s) / Q(s), fitted by
 // csrc/fit_gelu_erf.py (coefficients below): at most 1.7e-8 from erf in exact arithmetic and 4.1e-7 evaluated in
-// fp32 (ATen's vectorized erf: 3.2e-8), so the GELU is within about 2e-7 * |x| + 1 ulp of the exact one. It costs
-// ten FMAs and one division per 8 values where ATen's GELU evaluates an exp and a division inside its erf.
+// fp32, so the GELU is within about 2e-7 * |x| + 1 ulp of the exact one (over [-10, 10]: at most 1.1e-6 from a
+// float64 GELU, where torch's fp32 GELU is within 3.8e-7). It costs ten FMAs and one division per 8 values, with no
+// exp: about half the time of torch's GELU pass on this project's CPU benchmark machine.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>

@@ -256,9 +256,9 @@ def test_attention_rejects_bad_channels():
 # ---------------------------------------------------------------------------------------------------------------
 # bias_gelu_
 
-# The kernel's erf is a rational fit within 4.1e-7 of erf when evaluated in fp32 (ATen's is within 3.2e-8; see
-# csrc/bias_gelu.cpp), so its GELU is within 0.5 * |x| * 4.1e-7 plus two fp32 rounding steps (2 * 6e-8 relative) of
-# the exact one: checked against a float64 GELU, not against torch's fp32 one, which has its own few-ulp error.
+# The kernel's erf is a rational fit within 4.1e-7 of erf when evaluated in fp32 (see csrc/bias_gelu.cpp), so its
+# GELU is within 0.5 * |x| * 4.1e-7 plus two fp32 rounding steps (2 * 6e-8 relative) of the exact one: checked
+# against a float64 GELU, not against torch's fp32 one, which has its own few-ulp error.
 GELU_ERF_ERROR = 4.1e-7
 GELU_RELATIVE_ROUNDING = 1.2e-7
 
