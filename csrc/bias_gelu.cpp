@@ -45,20 +45,23 @@ SAM2_FAST_INLINE vec8 gelu(vec8 x) {
   return half + half * erf;
 }
 
+// The `lanes` (<= kLanes) values at p, the other lanes zero.
+SAM2_FAST_INLINE vec8 load_lanes(const float* p, int64_t lanes) {
+  return lanes == kLanes ? load(p) : load_partial(p, lanes);
+}
+
+// The `lanes` values at row + i, plus those at bias + i unless bias is null.
+SAM2_FAST_INLINE vec8 pre_activation(const float* row, const float* bias, int64_t i, int64_t lanes) {
+  const vec8 value = load_lanes(row + i, lanes);
+  return bias == nullptr ? value : value + load_lanes(bias + i, lanes);
+}
+
 // row[i] = gelu(row[i] + bias[i]) for i < count (bias may be null).
 SAM2_FAST_MULTIVERSION
 void bias_gelu_row(float* row, const float* bias, int64_t count) {
   int64_t i = 0;
-  if (bias != nullptr) {
-    for (; i + kLanes <= count; i += kLanes) store(row + i, gelu(load(row + i) + load(bias + i)));
-    if (i < count) {
-      const int64_t rest = count - i;
-      store_partial(row + i, gelu(load_partial(row + i, rest) + load_partial(bias + i, rest)), rest);
-    }
-  } else {
-    for (; i + kLanes <= count; i += kLanes) store(row + i, gelu(load(row + i)));
-    if (i < count) store_partial(row + i, gelu(load_partial(row + i, count - i)), count - i);
-  }
+  for (; i + kLanes <= count; i += kLanes) store(row + i, gelu(pre_activation(row, bias, i, kLanes)));
+  if (i < count) store_partial(row + i, gelu(pre_activation(row, bias, i, count - i)), count - i);
 }
 
 void bias_gelu_cpu_(const at::Tensor& x, const std::optional<at::Tensor>& bias) {

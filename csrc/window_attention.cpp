@@ -35,6 +35,15 @@ namespace {
 constexpr int64_t kCacheLine = 64;
 constexpr int kPrefetchToL2 = 2;  // __builtin_prefetch locality 2: into L2 and L3, not necessarily L1
 
+// Asks the CPU to start fetching the `count` values at `data` into L2, for reading or (kForWrite = 1) for writing.
+template <int kForWrite, typename scalar_t>
+inline void prefetch_into_l2(const scalar_t* data, int64_t count) {
+  const char* start = reinterpret_cast<const char*>(data);
+  for (int64_t line = 0; line < count * static_cast<int64_t>(sizeof(scalar_t)); line += kCacheLine) {
+    __builtin_prefetch(start + line, kForWrite, kPrefetchToL2);
+  }
+}
+
 // Where each token's 3 * dim channels are: qkv[b, y, x, :] inside the map, `fill` (the qkv bias, or zeros) for the
 // padding tokens a window reaches beyond it.
 template <typename scalar_t>
@@ -53,28 +62,14 @@ struct TokenReader {
   // are a few cache lines out of several kilobytes.
   void prefetch_head(int64_t b, int64_t y0, int64_t x0, int64_t window_size, int64_t dim, int64_t offset,
                      int64_t head_dim) const {
-    const int64_t bytes = head_dim * static_cast<int64_t>(sizeof(scalar_t));
-    const int64_t part_bytes = dim * static_cast<int64_t>(sizeof(scalar_t));
     for (int64_t y = y0; y < std::min(height, y0 + window_size); ++y) {
       for (int64_t x = x0; x < std::min(width, x0 + window_size); ++x) {
-        const char* q_start = reinterpret_cast<const char*>(token(b, y, x) + offset);
-        for (int64_t part = 0; part < 3; ++part) {
-          const char* start = q_start + part * part_bytes;
-          for (int64_t line = 0; line < bytes; line += kCacheLine) __builtin_prefetch(start + line, 0, kPrefetchToL2);
-        }
+        const scalar_t* q_start = token(b, y, x) + offset;
+        for (int64_t part = 0; part < 3; ++part) prefetch_into_l2<0>(q_start + part * dim, head_dim);
       }
     }
   }
 };
-
-// Asks the CPU to start fetching the `count` values at `data` into L2 for writing.
-template <typename scalar_t>
-inline void prefetch_for_write(const scalar_t* data, int64_t count) {
-  const char* start = reinterpret_cast<const char*>(data);
-  for (int64_t line = 0; line < count * static_cast<int64_t>(sizeof(scalar_t)); line += kCacheLine) {
-    __builtin_prefetch(start + line, 1, kPrefetchToL2);
-  }
-}
 
 // value + bias, rounded to scalar_t as the sum of two scalar_t tensors is (a no-op round for float).
 template <typename scalar_t>
@@ -241,7 +236,7 @@ at::Tensor window_attention_cpu(
           const auto [ahead_h, ahead_w] = kept_extent(ahead.row, ahead.col);
           for (int64_t qy = 0; qy < ahead_h; ++qy) {
             for (int64_t qx = 0; qx < ahead_w; ++qx) {
-              prefetch_for_write(output_slice(ahead.b, ahead.row, ahead.col, qy, qx, ahead_offset), head_dim);
+              prefetch_into_l2<1>(output_slice(ahead.b, ahead.row, ahead.col, qy, qx, ahead_offset), head_dim);
             }
           }
         }

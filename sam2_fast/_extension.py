@@ -49,16 +49,12 @@ def _register_fakes() -> None:
     )
     torch.library.register_fake("sam2_fast_ext::maxpool2x2")(op_shapes.maxpool2x2_output)
     torch.library.register_fake("sam2_fast_ext::fpn_upsample_add")(op_shapes.fpn_upsample_add_output)
-    torch.library.register_fake("sam2_fast_ext::bias_gelu_")(_bias_gelu_fake)
+    torch.library.register_fake("sam2_fast_ext::bias_gelu_")(op_shapes.check_bias_gelu)
     torch.library.register_fake("sam2_fast_ext::sine_position_encoding")(
         lambda height, width, num_pos_feats, temperature, normalize, scale, device: (
             op_shapes.sine_position_encoding_output(height, width, num_pos_feats, device)
         )
     )
-
-
-def _bias_gelu_fake(x: torch.Tensor, bias) -> None:
-    op_shapes.check_bias_gelu(x, bias)
 
 
 _LOAD_ERROR, _DEVICE_TYPES = _load()
