@@ -31,8 +31,12 @@ constexpr float kErfScale = 0.0324556777f;
 constexpr float kP[6] = {0.797884457f, 2.10214767f, 8.90858887f, 10.0216515f, 11.4498812f, 1.2459871f};
 constexpr float kQ[6] = {1.0f, 7.76983366f, 27.3331409f, 55.5325006f, 67.0128173f, 32.9990058f};
 
+// gelu(x) = x * Phi(x), Phi(x) = (1 + erf(x / sqrt(2))) / 2, with the special values of the function itself on every
+// CPU: gelu(NaN) = NaN, gelu(+-0) = +-0 (x times a positive Phi keeps the sign of zero), and beyond the clamp, where
+// Phi rounds to 1 or 0 in fp32, gelu(x) = x exactly for large positive x (never inf for a finite x, +inf for +inf)
+// and -0.0 for large negative x and -inf (a product x * 0 would make NaN of -inf).
 SAM2_FAST_INLINE vec8 gelu(vec8 x) {
-  // NaN fails both comparisons and stays NaN.
+  // NaN fails every comparison: it is not clamped, and x * Phi stays NaN.
   const vec8 clamped = x > kErfClamp ? broadcast(kErfClamp) : (x < -kErfClamp ? broadcast(-kErfClamp) : x);
   const vec8 s = clamped * clamped * kErfScale;
   vec8 p = broadcast(kP[5]), q = broadcast(kQ[5]);
@@ -41,8 +45,8 @@ SAM2_FAST_INLINE vec8 gelu(vec8 x) {
     q = q * s + kQ[k];
   }
   const vec8 erf = clamped * p / q;
-  const vec8 half = x * 0.5f;
-  return half + half * erf;
+  const vec8 inside = x * (erf * 0.5f + 0.5f);
+  return x > kErfClamp ? x : (x < -kErfClamp ? broadcast(-0.0f) : inside);
 }
 
 // The `lanes` (<= kLanes) values at p, the other lanes zero.

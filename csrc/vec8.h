@@ -35,6 +35,7 @@ SAM2_FAST_INLINE vec8 load_partial(const float* p, int64_t count) {
 
 SAM2_FAST_INLINE void store_partial(float* p, vec8 v, int64_t count) { std::memcpy(p, &v, count * sizeof(float)); }
 
-SAM2_FAST_INLINE vec8 broadcast(float value) { return vec8{} + value; }
+// All lanes `value`, its sign of zero included (vec8{} + value would turn -0.0 into +0.0).
+SAM2_FAST_INLINE vec8 broadcast(float value) { return vec8{value, value, value, value, value, value, value, value}; }
 
 }  // namespace sam2_fast

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import functools
+from typing import Callable
+from unittest import mock
 
 import torch
+import torch.nn.functional as F
 
 import sam2_fast
 from sam2_fast.reference import build_reference_encoder
@@ -154,3 +157,47 @@ def check_low_precision_outputs(exact_out: dict, reference_low_out: dict, ours_l
         )
         ours_worst, reference_worst = max(ours_worst, our_error / scale), max(reference_worst, reference_error / scale)
     return ours_worst, reference_worst
+
+
+# Low-precision attention: the error a bf16/fp16 attention kernel is allowed is derived the same way on every
+# machine. Plain torch's own low-precision SDPA is no stable yardstick: on CPU, ATen takes another path per CPU
+# (AVX2 without bf16 units, AVX512-BF16, AMX; math or flash kernel), each with its own rounding points, so a bound
+# of "twice torch's error" would pass on one CPU and fail on another. The yardstick is an fp32 emulation of a
+# flash-style kernel in that dtype instead: q, k, v in the dtype; scores, the softmax max and its row sums in fp32;
+# the unnormalised probabilities rounded to the dtype for the P V product (what a kernel feeding its matrix units
+# does); fp32 accumulation; the output rounded to the dtype once. A kernel that keeps its probabilities in fp32 is
+# more accurate than that, one with bf16 matrix units is as accurate; twice its error is the bound.
+LOW_PRECISION_ATTENTION_ERROR_RATIO = 2.0
+
+
+def _sdpa_rounded_like_a_kernel(dtype: torch.dtype) -> Callable:
+    def attend(q, k, v, *args, **kwargs):
+        assert not args and not kwargs, "the emulation covers SDPA's defaults only (no mask, dropout or scale)"
+        scores = (q.float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5
+        probs = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+        out = (probs.to(dtype).float() @ v.float()) / probs.sum(dim=-1, keepdim=True)
+        return out.to(dtype)
+
+    return attend
+
+
+def emulated_low_precision_attention(attention_fn: Callable, qkv: torch.Tensor, *args) -> torch.Tensor:
+    """``attention_fn(qkv, *args)`` (a :mod:`sam2_fast.torch_ops` attention) on a bf16/fp16 ``qkv`` with its SDPA
+    replaced by the emulation of a kernel in that dtype (see above); partition, padding and pooling are exact."""
+    assert qkv.dtype in (torch.bfloat16, torch.float16), f"expected a bf16/fp16 qkv, got {qkv.dtype}"
+    with mock.patch.object(F, "scaled_dot_product_attention", _sdpa_rounded_like_a_kernel(qkv.dtype)):
+        return attention_fn(qkv, *args)
+
+
+def assert_low_precision_attention_error(name: str, actual: torch.Tensor, emulated: torch.Tensor,
+                                         expected: torch.Tensor, floor: float) -> None:
+    """``actual``'s max error against the fp32 ``expected`` is at most twice the emulated kernel's, plus ``floor``;
+    prints both errors."""
+    assert actual.dtype == emulated.dtype, f"{name}: dtype {actual.dtype} != {emulated.dtype}"
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+    actual_error, emulated_error = max_abs_error(actual, expected), max_abs_error(emulated, expected)
+    print(f"{name}: error {actual_error:.3g}, emulated {actual.dtype} kernel's {emulated_error:.3g} (vs fp32)")
+    assert actual_error <= LOW_PRECISION_ATTENTION_ERROR_RATIO * emulated_error + floor, (
+        f"{name}: error {actual_error:.3g} vs fp32 > {LOW_PRECISION_ATTENTION_ERROR_RATIO} x the emulated "
+        f"{actual.dtype} kernel's {emulated_error:.3g} + {floor:.3g}"
+    )
