@@ -1,9 +1,10 @@
 """What a benchmark run covers, and the defaults per device. Shared by ``pytest bench/`` and ``bench.report``.
 
-Implementations are named ``<base>`` or ``<base>+compile``: ``reference`` is the `sam2` package's encoder;
-``torch``, ``extension``, ``triton`` are sam2_fast with that backend for every op; ``auto`` is sam2_fast with the
-op layer's per-op choice, listed only where it differs from every single backend (on CUDA: Triton kernels for
-the ops it has, the extension or torch for the rest).
+Implementations are named ``<base>``, ``<base>+compile`` or ``<base>+capture``: ``reference`` is the `sam2`
+package's encoder; ``torch``, ``extension``, ``triton`` are sam2_fast with that backend for every op; ``auto`` is
+sam2_fast with the op layer's per-op choice, listed only where it differs from every single backend (on CUDA: Triton
+kernels for the ops it has, the extension or torch for the rest). ``+compile`` runs it under ``torch.compile``,
+``+capture`` through ``sam2_fast.capture_cuda_graphs`` (sam2_fast only, CUDA only: elsewhere it runs eagerly).
 """
 
 from __future__ import annotations
@@ -21,14 +22,18 @@ DTYPES = ("fp32", "bf16-autocast", "bf16")
 SIZES = ("tiny", "small", "base_plus", "large")
 BACKENDS = ops.BACKENDS
 BASES = ("reference",) + BACKENDS + ("auto",)
-IMPL_NAMES = tuple(f"{base}{suffix}" for base in BASES for suffix in ("", "+compile"))
 COMPILE_SUFFIX = "+compile"
+CAPTURE_SUFFIX = "+capture"
+IMPL_NAMES = tuple(
+    f"{base}{suffix}" for base in BASES for suffix in ("", COMPILE_SUFFIX, CAPTURE_SUFFIX)
+    if not (base == "reference" and suffix == CAPTURE_SUFFIX)
+)
 FULL_ENV_VAR = "SAM2_FAST_BENCH_FULL"
 
 
 @dataclasses.dataclass(frozen=True)
 class Impl:
-    """One implementation: ``reference`` or a sam2_fast backend, eager or under ``torch.compile``."""
+    """One implementation: ``reference`` or a sam2_fast backend, eager, under ``torch.compile`` or graph-captured."""
 
     name: str
 
@@ -41,8 +46,16 @@ class Impl:
         return self.name.endswith(COMPILE_SUFFIX)
 
     @property
+    def captured(self) -> bool:
+        return self.name.endswith(CAPTURE_SUFFIX)
+
+    @property
+    def suffix(self) -> str:
+        return COMPILE_SUFFIX if self.compiled else CAPTURE_SUFFIX if self.captured else ""
+
+    @property
     def base(self) -> str:
-        return self.name[: -len(COMPILE_SUFFIX)] if self.compiled else self.name
+        return self.name[: len(self.name) - len(self.suffix)]
 
     @property
     def is_reference(self) -> bool:
@@ -54,7 +67,7 @@ class Impl:
         return None if self.is_reference else self.base
 
     def with_base(self, base: str) -> "Impl":
-        return Impl(base + (COMPILE_SUFFIX if self.compiled else ""))
+        return Impl(base + self.suffix)
 
 
 def auto_resolution(device_type: str) -> Dict[str, str]:
@@ -82,7 +95,9 @@ def encoder_impls(requested: Optional[Sequence[str]], device_type: str) -> List[
     """The encoder implementations of a run: ``requested`` names that run the encoder here (all if None)."""
     bases = encoder_bases(device_type)
     if requested is None:
-        return [Impl(name) for name in IMPL_NAMES if Impl(name).base in bases]
+        # CUDA graphs need CUDA: elsewhere a captured encoder is the eager one.
+        return [Impl(name) for name in IMPL_NAMES
+                if Impl(name).base in bases and (device_type == "cuda" or not Impl(name).captured)]
     # Asked for by name, ``auto`` runs even where it resolves to one backend that is also in the run.
     return [Impl(name) for name in requested if Impl(name).base in bases or Impl(name).base == "auto"]
 
@@ -95,6 +110,8 @@ def op_impls(op: str, requested: Optional[Sequence[str]], device_type: str) -> L
     impls: List[Impl] = []
     for name in names:
         impl = Impl(name)
+        if impl.captured:  # graph capture is of the whole encoder
+            continue
         if impl.base == "auto":
             impl = impl.with_base(auto_resolution(device_type)[op])
         if (impl.is_reference or impl.base in available) and impl not in impls:

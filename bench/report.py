@@ -160,7 +160,8 @@ def bench_encoder_case(encoders: EncoderSet, impls: List[Impl], image: torch.Ten
         for impl in impls:
             row = rows[impl.name]
             if device.type == "cuda":
-                row["peak_memory_bytes"] = cuda_forward_peak_bytes(callables[impl.name], device)
+                memory_forward = encoders.memory_callable(impl)
+                row["peak_memory_bytes"] = cuda_forward_peak_bytes(lambda: memory_forward(image), device)
                 row["memory_method"] = CUDA_MEMORY_METHOD
             else:
                 row["peak_memory_bytes"], row["memory_method"] = cpu_forward_peak_bytes(
@@ -364,8 +365,10 @@ def render_markdown(results: dict) -> str:
         "- Implementations: `reference` is the `sam2` package (ops: its own sequence for the step, e.g. pad + "
         "window_partition + SDPA + window_unpartition); `torch`, `extension`, `triton` are sam2_fast with that "
         "backend; `auto` is sam2_fast's per-op choice; `+compile` is `torch.compile(fullgraph=True)` "
-        f"(mode: {meta.get('compile_mode', 'max-autotune on CUDA, default on CPU')}). All load one seeded "
-        "state_dict and see the same inputs.",
+        f"(mode: {meta.get('compile_mode', 'max-autotune on CUDA, default on CPU')}); `+capture` is "
+        "`sam2_fast.capture_cuda_graphs` (one CUDA graph per shape, recorded at the first call; its peak memory is "
+        "that of recording and replaying once, graph pool included). All load one seeded state_dict and see the "
+        "same inputs.",
         "- dtypes: `fp32`; `bf16-autocast` is fp32 weights under `torch.autocast(bfloat16)`; `bf16` casts weights "
         "and input to bfloat16."
         + ("" if meta["device_type"] == "cuda" or meta["cpu_native_bf16"] else

@@ -100,7 +100,7 @@ def run_context(impl: Impl, dtype: str, device: torch.device):
 
 class EncoderSet:
     """The encoders of one (config, dtype): one reference, one sam2_fast encoder shared by the eager backends,
-    and one module per compiled implementation, all with the same weights."""
+    and one module per compiled or captured implementation, all with the same weights."""
 
     def __init__(self, config: str, dtype: str, device: torch.device):
         self.config, self.dtype, self.device = config, dtype, device
@@ -108,16 +108,22 @@ class EncoderSet:
         self._callables: Dict[Impl, Callable] = {}
 
     def _module(self, impl: Impl) -> nn.Module:
-        key = (impl.is_reference, impl.name if impl.compiled else None)
+        key = (impl.is_reference, impl.name if impl.compiled or impl.captured else None)
         if key not in self._modules:
             self._modules[key] = build_encoder(self.config, impl.is_reference, self.dtype, self.device)
         return self._modules[key]
 
     def callable(self, impl: Impl) -> Callable[[torch.Tensor], dict]:
-        """``fn(image) -> output dict``; compiled impls compile on their first call (per input shape)."""
+        """``fn(image) -> output dict``; compiled impls compile, captured ones record, on their first call (per
+        input shape)."""
         if impl not in self._callables:
             module = self._module(impl)
-            forward = compile_fn(module, self.device) if impl.compiled else module
+            if impl.compiled:
+                forward = compile_fn(module, self.device)
+            elif impl.captured:
+                forward = sam2_fast.capture_cuda_graphs(module)
+            else:
+                forward = module
 
             def run(image, forward=forward, impl=impl):
                 with run_context(impl, self.dtype, self.device):
@@ -125,6 +131,20 @@ class EncoderSet:
 
             self._callables[impl] = run
         return self._callables[impl]
+
+    def memory_callable(self, impl: Impl) -> Callable[[torch.Tensor], dict]:
+        """``fn(image)`` whose peak memory is the impl's: its callable, except for a captured impl, whose graphs
+        hold their memory pool between calls: there each call records anew (warm-up calls, capture, replay), so
+        the peak covers the pool."""
+        if not impl.captured:
+            return self.callable(impl)
+        module = self._module(impl)
+
+        def run(image):
+            with run_context(impl, self.dtype, self.device):
+                return sam2_fast.capture_cuda_graphs(module)(image)
+
+        return run
 
     def input_for(self, image: torch.Tensor) -> torch.Tensor:
         """The shared fp32 image in this set's input dtype (cast once, then shared by every impl)."""

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launchable
+
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # One program writes 2 x BLOCK_C x BLOCK_X float32 outputs (32 per thread at 4 warps).
 _BLOCK_C = 32
@@ -110,7 +112,7 @@ def fpn_upsample_add(lateral: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     if out.numel() == 0:
         return out
     grid = (batch * prev_height, triton.cdiv(2 * prev_width, _BLOCK_X), triton.cdiv(channels, _BLOCK_C))
-    _fpn_upsample_add_kernel[grid](
+    launchable(_fpn_upsample_add_kernel, lateral)[grid](
         lateral, prev, out, channels, prev_height, prev_width, *lateral.stride(), *prev.stride(),
         BLOCK_C=_BLOCK_C, BLOCK_X=_BLOCK_X, num_warps=_NUM_WARPS,
     )

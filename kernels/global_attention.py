@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launchable
 from .window_attention import (
     _LOG2_E, TRITON_DTYPES, LaunchConfig, _attend, _load_query_rows, check_qkv, dot_in_fp32, max_block_n,
     padded_head_dim,
@@ -97,7 +98,7 @@ def global_attention(
 
     config = config or _global_blocks(head_dim, qkv.dtype)
     grid = (triton.cdiv(out_height * out_width, config.block_m), num_heads, batch)
-    _global_attention_kernel[grid](
+    launchable(_global_attention_kernel, qkv)[grid](
         qkv, out,
         height, width, out_height, out_width, dim,
         qkv.stride(0), qkv.stride(1), qkv.stride(2),

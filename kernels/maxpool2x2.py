@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launchable
+
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Elements of one program's output tile: 16 per thread at 4 warps, enough bytes in flight for a copy-like kernel.
 _TILE_ELEMENTS = 2048
@@ -101,7 +103,7 @@ def maxpool2x2(x: torch.Tensor) -> torch.Tensor:
         return out
     block_w, block_c = _block_sizes(channels)
     grid = (batch * out_height, triton.cdiv(out_width, block_w), triton.cdiv(channels, block_c))
-    _maxpool2x2_kernel[grid](
+    launchable(_maxpool2x2_kernel, x)[grid](
         x, out, out_height, out_width, channels, *x.stride(), BLOCK_W=block_w, BLOCK_C=block_c, num_warps=_NUM_WARPS
     )
     return out

@@ -16,6 +16,7 @@ import triton.language as tl
 
 from ..op_shapes import queries_per_window
 from ..torch_ops import add_qkv_bias
+from .launch import launchable
 
 _LOG2_E = 1.4426950408889634
 # Triton dtypes by torch dtype, for the AOT signatures.
@@ -291,7 +292,7 @@ def window_attention(
     window_rows, window_cols = triton.cdiv(height, window_size), triton.cdiv(width, window_size)
     num_queries = queries_per_window(window_size, q_pool)
     grid = (window_rows * window_cols * triton.cdiv(num_queries, config.block_m), num_heads, batch)
-    _window_attention_kernel[grid](
+    launchable(_window_attention_kernel, qkv)[grid](
         qkv, qkv if qkv_bias is None else qkv_bias, out,
         height, width, out_height, out_width, window_cols, dim,
         qkv.stride(0), qkv.stride(1), qkv.stride(2),

@@ -5,8 +5,10 @@
 """
 
 from .build import build_image_encoder
+from .capture import CudaGraphImageEncoder, capture_cuda_graphs
 from .checkpoint import CheckpointError, load_checkpoint
 from .configs import CONFIGS, DEFAULT_CONFIG, EncoderConfig, get_config
+from .export import ExportedEncoder, export_encoder, load_exported
 from .hiera import Hiera, MultiScaleAttention, MultiScaleBlock
 from .image_encoder import FpnNeck, ImageEncoder
 from .ops import BackendUnavailableError, active_backends, backend_status, get_backend, set_backend, use_backend
@@ -18,5 +20,6 @@ __all__ = [
     "ImageEncoder", "Hiera", "MultiScaleBlock", "MultiScaleAttention", "FpnNeck", "PositionEmbeddingSine",
     "build_image_encoder", "load_checkpoint", "CheckpointError", "CONFIGS", "DEFAULT_CONFIG", "EncoderConfig",
     "get_config", "set_backend", "get_backend", "use_backend", "backend_status", "active_backends",
-    "BackendUnavailableError",
+    "BackendUnavailableError", "capture_cuda_graphs", "CudaGraphImageEncoder", "export_encoder", "load_exported",
+    "ExportedEncoder",
 ]

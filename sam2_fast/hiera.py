@@ -62,12 +62,13 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The MLP of ``x``, plus ``residual`` when given (added by the last GEMM where that saves a pass)."""
         exact_gelu = type(self.act) is nn.GELU and self.act.approximate == "none"
-        for layer in self.layers[:-1]:
+        # Unpacked rather than sliced: a slice of a ModuleList builds a new ModuleList on every call.
+        *hidden_layers, last = self.layers
+        for layer in hidden_layers:
             if exact_gelu:
                 x = dense.linear_gelu(x, layer.weight, layer.bias)
             else:
                 x = self.act(layer(x))
-        last = self.layers[-1]
         if self.sigmoid_output:
             x = torch.sigmoid(last(x))
             return x if residual is None else residual + x
@@ -333,6 +334,14 @@ class Hiera(nn.Module):
             self._pos_embed_cache.clear()
             self._pos_embed_cache[key] = cached
         return cached
+
+    def cached_tensors(self) -> List[torch.Tensor]:
+        """The positional embedding kept from the last call (a captured CUDA graph reads it)."""
+        return list(self._pos_embed_cache.values())
+
+    def cache_sources(self) -> List[torch.Tensor]:
+        """The parameters the cached positional embedding is computed from."""
+        return [self.pos_embed, self.pos_embed_window]
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a clear error for an image batch this trunk cannot encode."""

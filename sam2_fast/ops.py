@@ -7,9 +7,19 @@ Backends:
   ``TRITON_INTERPRET=1``, the Triton interpreter, for testing).
 - ``extension``: the compiled C++/CUDA extension ``sam2_fast._C`` (ops in the ``sam2_fast_ext`` namespace).
 
-The fast backends run behind ``torch.library`` custom ops in the ``sam2_fast`` namespace, each with a fake (meta)
-implementation, so ``torch.compile(fullgraph=True)`` and ``torch.export`` trace through them, and with an autograd
-formula that recomputes the torch implementation, so gradients flow through every backend.
+How the fast backends reach a graph (``torch.compile``, ``torch.export``, AOTInductor) and autograd:
+
+- ``extension``: its ``sam2_fast_ext`` ops themselves, with fake implementations (``_extension``) and autograd
+  formulas registered here, so a traced graph calls the compiled ops (an AOTInductor package on CPU runs them with
+  no Python in between).
+- ``triton`` on CUDA: ``torch.library.triton_op`` ops (``sam2_fast::triton_*``) whose launchers wrap their kernels
+  with ``wrap_triton``, so inductor sees the kernels, compiles them into its output (and into AOTInductor packages)
+  and can CUDA-graph the whole forward.
+- ``triton`` under the Triton interpreter (CPU tensors, for testing): ``torch.library`` custom ops in the
+  ``sam2_fast`` namespace, opaque to the compiler (an interpreted kernel cannot run on the compiler's fake tensors).
+
+Every autograd formula recomputes the op's torch implementation and differentiates that, so gradients flow through
+every backend. Eager inference with no gradient to record calls the kernels directly.
 
 Choosing: ``SAM2_FAST_BACKEND=auto|torch|triton|extension`` (read at import), :func:`set_backend` or the
 :func:`use_backend` context manager. ``auto`` takes, per op and device, the first available of
@@ -23,6 +33,7 @@ build) runs on torch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 import warnings
@@ -206,7 +217,9 @@ def resolve_backend(op: str, device_type: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Custom ops. ``backend`` is an argument so that the choice is fixed when a graph is traced.
+# Custom ops of the ops with a Triton kernel, the opaque form a traced or differentiated call takes where no
+# triton_op can (the interpreter); ``backend`` is an argument so that the choice is fixed when a graph is traced,
+# and any backend can run behind them (the tests check the registrations with the torch one).
 
 def _fast_impl(op: str, backend: str) -> Callable:
     if backend == "triton":
@@ -261,36 +274,27 @@ def _(lateral, prev, backend):
     return op_shapes.fpn_upsample_add_output(lateral, prev)
 
 
-@torch.library.custom_op("sam2_fast::bias_gelu_", mutates_args=("x",))
-def _bias_gelu_op(x: torch.Tensor, bias: Optional[torch.Tensor], backend: str) -> None:
-    _fast_impl("bias_gelu_", backend)(x, bias)
-
-
-@_bias_gelu_op.register_fake
-def _(x, bias, backend):
-    op_shapes.check_bias_gelu(x, bias)
-
-
-@torch.library.custom_op("sam2_fast::sine_position_encoding", mutates_args=())
-def _sine_position_encoding_op(
-    height: int, width: int, num_pos_feats: int, temperature: float, normalize: bool, scale: float,
-    device: torch.device, backend: str,
-) -> torch.Tensor:
-    return _fast_impl("sine_position_encoding", backend)(
-        height, width, num_pos_feats, temperature, normalize, scale, device
-    )
-
-
-@_sine_position_encoding_op.register_fake
-def _(height, width, num_pos_feats, temperature, normalize, scale, device, backend):
-    return op_shapes.sine_position_encoding_output(height, width, num_pos_feats, device)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Gradients: every fast op is differentiated by recomputing its torch implementation. A fused backward kernel can
 # replace this per op later without touching the model.
 
-def _register_recompute_backward(custom_op, torch_fn: Callable, tensor_args: Tuple[str, ...], arg_names: Tuple[str, ...]):
+# Per differentiable op: its torch implementation, the names of its arguments (as the fast ops take them, without
+# the custom ops' trailing ``backend``) and which of them are tensors that can need a gradient.
+_DIFFERENTIABLE = {
+    "window_attention": (
+        torch_ops.window_attention, ("qkv", "qkv_bias", "num_heads", "window_size", "q_pool", "add_bias"),
+        ("qkv", "qkv_bias"),
+    ),
+    "global_attention": (torch_ops.global_attention, ("qkv", "num_heads", "q_pool"), ("qkv",)),
+    "maxpool2x2": (torch_ops.maxpool2x2, ("x",), ("x",)),
+    "fpn_upsample_add": (torch_ops.fpn_upsample_add, ("lateral", "prev"), ("lateral", "prev")),
+}
+
+
+def _register_recompute_backward(register: Callable, op: str) -> None:
+    """``register(backward, setup_context=...)`` with a backward that recomputes ``op``'s torch implementation from
+    the saved inputs and differentiates it (extra trailing inputs, such as ``backend``, get no gradient)."""
+    torch_fn, arg_names, tensor_args = _DIFFERENTIABLE[op]
     positions = tuple(arg_names.index(name) for name in tensor_args)
 
     def setup_context(ctx, inputs, output):
@@ -308,26 +312,63 @@ def _register_recompute_backward(custom_op, torch_fn: Callable, tensor_args: Tup
         grads = [None] * len(inputs)
         if leaves:
             with torch.enable_grad():
-                output = torch_fn(*inputs[: len(arg_names) - 1])
+                output = torch_fn(*inputs[: len(arg_names)])
                 computed = torch.autograd.grad(output, [leaf for _, leaf in leaves], grad_output)
             for (position, _), grad in zip(leaves, computed):
                 grads[position] = grad
         return tuple(grads)
 
-    custom_op.register_autograd(backward, setup_context=setup_context)
+    register(backward, setup_context=setup_context)
 
 
-_register_recompute_backward(
-    _window_attention_op, torch_ops.window_attention, ("qkv", "qkv_bias"),
-    ("qkv", "qkv_bias", "num_heads", "window_size", "q_pool", "add_bias", "backend"),
-)
-_register_recompute_backward(
-    _global_attention_op, torch_ops.global_attention, ("qkv",), ("qkv", "num_heads", "q_pool", "backend")
-)
-_register_recompute_backward(_maxpool2x2_op, torch_ops.maxpool2x2, ("x",), ("x", "backend"))
-_register_recompute_backward(
-    _fpn_upsample_add_op, torch_ops.fpn_upsample_add, ("lateral", "prev"), ("lateral", "prev", "backend")
-)
+for _op, _custom_op in (
+    ("window_attention", _window_attention_op), ("global_attention", _global_attention_op),
+    ("maxpool2x2", _maxpool2x2_op), ("fpn_upsample_add", _fpn_upsample_add_op),
+):
+    _register_recompute_backward(_custom_op.register_autograd, _op)
+    if _op in _EXTENSION_OPS:
+        _register_recompute_backward(functools.partial(torch.library.register_autograd, f"sam2_fast_ext::{_op}"), _op)
+
+
+def _define_triton_ops() -> Dict[str, Callable]:
+    """The ``torch.library.triton_op`` form of each Triton launcher, by op name (empty where triton cannot load or
+    runs interpreted). Their arguments are the torch implementations'; they compute what the launchers do, and
+    tracing them records the kernel launches themselves (see kernels.launch)."""
+    if _TRITON_REASON is not None or os.environ.get("TRITON_INTERPRET") == "1":
+        return {}
+    from torch.library import triton_op
+
+    launchers = _TRITON_LAUNCHERS
+
+    @triton_op("sam2_fast::triton_window_attention", mutates_args=())
+    def window_attention(
+        qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], num_heads: int, window_size: int, q_pool: bool,
+        add_bias: bool,
+    ) -> torch.Tensor:
+        return launchers["window_attention"](qkv, qkv_bias, num_heads, window_size, q_pool, add_bias)
+
+    @triton_op("sam2_fast::triton_global_attention", mutates_args=())
+    def global_attention(qkv: torch.Tensor, num_heads: int, q_pool: bool) -> torch.Tensor:
+        return launchers["global_attention"](qkv, num_heads, q_pool)
+
+    @triton_op("sam2_fast::triton_maxpool2x2", mutates_args=())
+    def maxpool2x2(x: torch.Tensor) -> torch.Tensor:
+        return launchers["maxpool2x2"](x)
+
+    @triton_op("sam2_fast::triton_fpn_upsample_add", mutates_args=())
+    def fpn_upsample_add(lateral: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        return launchers["fpn_upsample_add"](lateral, prev)
+
+    ops = {
+        "window_attention": window_attention, "global_attention": global_attention, "maxpool2x2": maxpool2x2,
+        "fpn_upsample_add": fpn_upsample_add,
+    }
+    for name, op in ops.items():
+        _register_recompute_backward(op.register_autograd, name)
+    return ops
+
+
+_TRITON_OPS = _define_triton_ops()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -339,14 +380,21 @@ def _is_plain(t: torch.Tensor) -> bool:
 
 
 def _run(op: str, custom_op, backend: str, tensors: Tuple[Optional[torch.Tensor], ...], *args):
-    """``custom_op(*args, backend)``; in eager inference on plain tensors, the backend's kernel directly.
+    """``op`` on ``backend`` in the form the call needs.
 
-    The custom op's Python wrapper (about 0.1 ms a call) is what tracing (torch.compile, torch.export) and autograd
-    need; a forward with neither (no input that needs a gradient, no fake or functional tensors) skips it.
+    The extension's ops are dispatcher ops with fakes and autograd formulas: called as they are in every case, so
+    traced graphs hold them. For Triton, a traced or differentiated call goes through the ``triton_op`` on CUDA (the
+    compiler sees the kernels) or the opaque custom op under the interpreter; eager inference with neither (no input
+    that needs a gradient, no fake or functional tensors) calls the launcher directly, skipping the op wrappers'
+    Python overhead (about 0.1 ms a call).
     """
-    if _needs_custom_op(tensors):
-        return custom_op(*args, backend)
-    return _fast_impl(op, backend)(*args).contiguous()
+    if backend == "extension":
+        return _EXTENSION_OPS[op](*args).contiguous()
+    if not _needs_custom_op(tensors):
+        return _fast_impl(op, backend)(*args).contiguous()
+    if backend == "triton" and op in _TRITON_OPS and tensors[0].device.type == "cuda":
+        return _TRITON_OPS[op](*args)
+    return custom_op(*args, backend)
 
 
 def _needs_custom_op(tensors: Tuple[Optional[torch.Tensor], ...]) -> bool:
@@ -430,10 +478,7 @@ def bias_gelu_(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     backend = resolve_backend("bias_gelu_", x.device.type)
     if backend == "torch":
         return torch_ops.bias_gelu_(x, bias)
-    if _needs_custom_op((x, bias)):
-        _bias_gelu_op(x, bias, backend)
-    else:
-        _fast_impl("bias_gelu_", backend)(x, bias)
+    _fast_impl("bias_gelu_", backend)(x, bias)
     return x
 
 
@@ -450,6 +495,5 @@ def sine_position_encoding(
     """(1, 2 * num_pos_feats, height, width) fp32 sine position encoding; see torch_ops.sine_position_encoding."""
     device = torch.device(device)
     backend = resolve_backend("sine_position_encoding", device.type)
-    if backend == "torch":
-        return torch_ops.sine_position_encoding(height, width, num_pos_feats, temperature, normalize, scale, device)
-    return _sine_position_encoding_op(height, width, num_pos_feats, temperature, normalize, scale, device, backend)
+    args = (height, width, num_pos_feats, temperature, normalize, scale, device)
+    return _fast_impl("sine_position_encoding", backend)(*args)

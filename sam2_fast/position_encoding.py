@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -59,6 +59,14 @@ class PositionEmbeddingSine(nn.Module):
                 cached = self._compute(height, width, device).to(dtype)
             self.cache[key] = cached
         return cached
+
+    def cached_tensors(self) -> List[torch.Tensor]:
+        """Every encoding computed so far (a captured CUDA graph returns them as its ``vision_pos_enc``)."""
+        return list(self.cache.values())
+
+    def cache_sources(self) -> List[torch.Tensor]:
+        """None: the encodings depend on the constructor's arguments only."""
+        return []
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:

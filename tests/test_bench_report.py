@@ -158,3 +158,36 @@ def test_write_results_writes_markdown_json_and_png(tmp_path):
         assert key in loaded["meta"]
     assert loaded["encoder"][0]["samples_s"] == [0.4, 0.5, 0.6]
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("kernel,category", [
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel",
+     "GEMM (linear)"),
+    ("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NNT", "GEMM (linear)"),
+    ("void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8>", "GEMM (linear)"),
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x64x64", "convolution"),
+    ("_window_attention_kernel", "attention"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4>, false>", "attention"),
+    ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float, float, false>", "LayerNorm"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl(at::TensorIteratorBase&)>",
+     "elementwise (add, GELU)"),
+    ("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)>",
+     "copies and dtype casts (partition, permute, bias broadcast, pad)"),
+    ("Memcpy DtoD (Device -> Device)", "copies and dtype casts (partition, permute, bias broadcast, pad)"),
+    ("void at::native::max_pool_forward_nhwc<c10::BFloat16, float>", "max-pool"),
+    ("void at::native::upsample_nearest2d_nhwc_out_frame<float>", "FPN upsample + add"),
+    ("triton_per_fused_add_native_layer_norm_3", "inductor fused kernels"),
+    ("some_unknown_kernel", "other kernels"),
+])
+def test_cuda_profile_categories(kernel, category):
+    from bench.profile import cuda_kernel_category
+
+    assert cuda_kernel_category(kernel) == category
+
+
+def test_cuda_profile_idle_time_is_wall_less_kernels():
+    from bench.profile import GPU_IDLE, categorized_cuda_ms
+
+    columns = categorized_cuda_ms([("nvjet_gemm", 3000.0), ("_window_attention_kernel", 1000.0)], forwards=2,
+                                  wall_ms=5.0)
+    assert columns == {"GEMM (linear)": 1.5, "attention": 0.5, GPU_IDLE: 3.0}

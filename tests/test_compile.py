@@ -47,3 +47,17 @@ def test_export_matches_eager(encoder, backend):
         expected = encoder(x)
         exported = torch.export.export(encoder, (x,))
         _assert_outputs_close(exported.module()(x), expected)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_repeated_calls_of_one_shape_compile_once(encoder, backend):
+    # A compiled encoder is called in a loop: a guard that fails on each call (a cache, a counter, a fresh module
+    # object in forward) would recompile every time. error_on_recompile turns any recompile into an error.
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(encoder, fullgraph=True, backend="aot_eager")
+    with sam2_fast.use_backend(backend), torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        for seed in range(3):
+            x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(seed))
+            _assert_outputs_close(compiled(x), encoder(x))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1

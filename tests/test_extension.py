@@ -494,20 +494,32 @@ def test_windowed_block_hands_the_qkv_bias_to_the_extension_in_fp32_only(monkeyp
         assert_close_verbose(out, expected, name="windowed attention block", **ATTENTION_FP32_TOL)
 
 
-def test_eager_inference_calls_the_kernel_and_autograd_the_custom_op(monkeypatch):
-    # The custom op's Python wrapper is for tracing and autograd; plain eager inference skips it.
+class _WindowAttention(torch.nn.Module):
+    def forward(self, qkv, bias):
+        return ops.window_attention(qkv, bias, 2, 4, True)
+
+
+def test_the_model_calls_the_extension_ops_themselves_with_their_autograd(monkeypatch):
+    # Eager, traced and differentiated calls all go to the sam2_fast_ext ops (their fakes and autograd formulas are
+    # registered in Python), never to the opaque custom op: an exported graph then holds the compiled ops.
     def custom_op(*args):
         raise AssertionError("custom op called")
 
     monkeypatch.setattr(ops, "_window_attention_op", custom_op)
-    qkv = torch.randn(1, 9, 6, 3 * 2 * 5)
+    qkv = torch.randn(1, 9, 6, 3 * 2 * 5, requires_grad=True)
     bias = torch.nn.Parameter(torch.randn(3 * 2 * 5))  # as the model passes its qkv bias
+    grad_out = torch.randn(1, 4, 3, 2 * 5)
+    expected = torch_ops.window_attention(qkv, bias, 2, 4, True)
+    expected_grads = torch.autograd.grad(expected, (qkv, bias), grad_out)
     with sam2_fast.use_backend("extension"):
         with torch.no_grad():
-            assert_close_verbose(ops.window_attention(qkv, bias, 2, 4, False),
-                                 torch_ops.window_attention(qkv, bias, 2, 4, False).contiguous(),
+            assert_close_verbose(ops.window_attention(qkv, bias, 2, 4, True), expected.detach().contiguous(),
                                  name="eager window_attention", **ATTENTION_FP32_TOL)
-        with pytest.raises(AssertionError, match="custom op called"):
-            ops.window_attention(qkv, bias, 2, 4, False)  # the bias needs a gradient
-        with pytest.raises(AssertionError, match="custom op called"):
-            ops.window_attention(qkv.requires_grad_(), bias.detach(), 2, 4, False)
+        actual = ops.window_attention(qkv, bias, 2, 4, True)
+        assert actual.grad_fn is not None
+        for name, grad, wanted in zip(("qkv", "bias"), torch.autograd.grad(actual, (qkv, bias), grad_out),
+                                      expected_grads):
+            assert_close_verbose(grad, wanted, name=f"grad {name}", **ATTENTION_FP32_TOL)
+        graph = torch.export.export(_WindowAttention(), (qkv.detach(), bias.detach())).graph
+    targets = {str(node.target) for node in graph.nodes if node.op == "call_function"}
+    assert "sam2_fast_ext.window_attention.default" in targets, targets

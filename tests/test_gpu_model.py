@@ -115,3 +115,46 @@ def test_compiled_encoder_fullgraph_matches_eager(autocast_dtype):
         scale = max(expected.float().abs().max().item(), 1.0)
         error = max_abs_error(actual, expected) / scale
         assert error <= tolerance, f"{name}: compiled vs eager error {error:.3g} > {tolerance:g}"
+
+
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"], ids=["default", "reduce-overhead"])
+def test_compiled_encoder_keeps_our_kernels_and_compiles_once(mode):
+    # The Triton ops are triton_ops: inductor compiles our kernels into its output code (no opaque sam2_fast op
+    # calls) and, under reduce-overhead, CUDA-graphs the whole forward. Repeated calls of one shape never recompile.
+    from torch._inductor.utils import run_and_get_code
+
+    _, ours = _cuda_pair("sam2.1_hiera_tiny")
+    x = _image(1, 512, 512, seed=15)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with sam2_fast.use_backend("auto"), torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = ours(x)
+        compiled = torch.compile(ours, mode=mode, fullgraph=True, dynamic=False)
+        _, code = run_and_get_code(compiled, x)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for seed in range(3):
+                out = compiled(_image(1, 512, 512, seed=seed))
+            out = compiled(x)
+    source = "\n".join(code)
+    assert "_window_attention_kernel" in source, "inductor's code does not launch the window-attention kernel"
+    assert "torch.ops.sam2_fast." not in source, "inductor's code calls an opaque sam2_fast custom op"
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    for (name, expected), (_, actual) in zip(flat_outputs(eager), flat_outputs(out)):
+        scale = max(expected.float().abs().max().item(), 1.0)
+        assert max_abs_error(actual, expected) / scale <= 5e-2, name
+
+
+def test_exported_package_on_cuda_matches_eager(tmp_path):
+    # An AOTInductor package on CUDA carries the Triton kernels; loaded again, it gives the eager outputs.
+    _, ours = _cuda_pair("sam2.1_hiera_base_plus")
+    x = _image(2, 1024, 1024, seed=16)
+    path = sam2_fast.export_encoder(ours, x, tmp_path / "encoder.pt2", autocast_dtype=torch.bfloat16)
+    loaded = sam2_fast.load_exported(path)
+    assert loaded.metadata["backends"]["window_attention"] == "triton"
+    actual = loaded(x)
+    eager = run_encoder(ours, x, torch.bfloat16)
+    for (name, expected), (_, got) in zip(flat_outputs(eager), flat_outputs(actual)):
+        scale = max(expected.float().abs().max().item(), 1.0)
+        error = max_abs_error(got, expected) / scale
+        print(f"\n[cuda parity] exported base_plus {name}: vs eager {error:.3g}")
+        assert error <= 5e-2, f"{name}: exported vs eager error {error:.3g}"

@@ -102,8 +102,6 @@ OPCHECK_CASES = {
     "maxpool2x2": lambda: (torch.randn(2, 5, 7, 3, dtype=torch.float64, requires_grad=True), "torch"),
     "fpn_upsample_add": lambda: (torch.randn(1, 3, 4, 6, dtype=torch.float64, requires_grad=True),
                                  torch.randn(1, 3, 2, 3, dtype=torch.float64, requires_grad=True), "torch"),
-    "bias_gelu_": lambda: (torch.randn(2, 3, 7, dtype=torch.float64), torch.randn(7, dtype=torch.float64), "torch"),
-    "sine_position_encoding": lambda: (5, 6, 8, 10000.0, True, 6.283185307179586, torch.device("cpu"), "torch"),
 }
 
 
