@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # CPU wheel of torch where no GPU build is wanted; override TORCH_SPEC for another build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test install
+.PHONY: demo test install device-wheels
 
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
 	$(PYTHON) -m venv $(VENV)
@@ -44,3 +44,9 @@ test: install
 	step "op tests with ATen capped at AVX2" env ATEN_CPU_CAPABILITY=avx2 \
 		$(PY) -m pytest -q tests/test_extension.py tests/test_ops_torch.py tests/test_dense.py; \
 	printf "=== summary$$summary\n"; exit $$failed
+
+# Wheels of the reference `sam2` and its pure-Python dependencies in .whl/, for a device machine without registry
+# access: carry .whl with the working tree and bench/cuda_session.sh installs from it.
+device-wheels: install
+	SAM2_BUILD_CUDA=0 $(PY) -m pip wheel -q --no-deps --no-build-isolation -w .whl sam2==1.1.0
+	$(PY) -m pip wheel -q --no-deps -w .whl hydra-core==1.3.8 omegaconf==2.3.1 "antlr4-python3-runtime==4.9.3" iopath portalocker

@@ -22,7 +22,8 @@
 # bench_autotune cold_start); GPU_TESTS_K narrows the GPU tests (a pytest -k expression). Every step has its own time limit inside
 # BUDGET_S, so a hang or a slow compile costs only its own step. Logs and results go to $OUT (default
 # ./cuda-session-out): log.txt, build.log, and one folder per benchmark; copy them under bench/results/ after.
-# Usage: CALL=1 bash bench/cuda_session.sh    (from the repository root, with python3 holding a CUDA torch)
+# Usage: CALL=1 bash bench/cuda_session.sh    (from the repository root, with python3 holding a CUDA torch; on a
+# device without registry access, build .whl/ here first with `make device-wheels` and carry it along)
 set -uo pipefail
 CALL=${CALL:-1}
 OUT=${OUT:-cuda-session-out}
