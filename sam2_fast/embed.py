@@ -303,7 +303,8 @@ def write_index(out_dir: str, inputs: Sequence[str], failures: Dict[str, str]) -
             rows[path] = {"path": path, "status": "ok", "shard": f"{SHARD_FOLDER}/{shard}", "row": row,
                           "original_size": list(size)}
     lines, ok, errors = [], 0, 0
-    for path in list(inputs) + [path for path in rows if path not in set(inputs)]:
+    this_run = set(inputs)
+    for path in list(inputs) + [path for path in rows if path not in this_run]:
         if path in rows:
             lines.append(rows[path])
             ok += 1
