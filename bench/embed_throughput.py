@@ -7,7 +7,8 @@ Both sides start from the same JPEG files and the same weights file and end with
 (``vision_features`` and the two high-resolution ``backbone_fpn`` levels):
 
 - ``sam2-fast embed``: the command's own code in this process (``sam2_fast.embed.main``): DataLoader workers
-  decode, batches go through sam2_fast's encoder, safetensors shards and the index are written.
+  decode, batches go through sam2_fast's encoder, safetensors shards and the index are written; in fp32, and
+  with ``--dtype bf16`` (its usual speed-up on CPUs).
 - ``reference loop``: what a script would do with the `sam2` package: for each file, decode with Pillow,
   prepare it as SAM-2 does, run the reference encoder on it, write its embeddings to a safetensors file.
 
@@ -19,6 +20,7 @@ to ``bench/results/embed-throughput-<device>.{md,json}``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -72,10 +74,11 @@ def reference_loop(paths: Sequence[str], checkpoint: str, args: argparse.Namespa
             save_file({name: t.contiguous().cpu() for name, t in tensors.items()}, str(out / f"{i:06d}.safetensors"))
 
 
-def cli_run(folder: Path, checkpoint: str, args: argparse.Namespace, out: Path, device: torch.device) -> None:
+def cli_run(folder: Path, checkpoint: str, args: argparse.Namespace, out: Path, device: torch.device,
+            dtype: str) -> None:
     embed.main([str(folder), "--out", str(out), "--config", args.config, "--checkpoint", checkpoint,
                 "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
-                "--workers", str(args.workers), "--device", str(device), "--features", FEATURES])
+                "--workers", str(args.workers), "--device", str(device), "--features", FEATURES, "--dtype", dtype])
 
 
 def timed(fn: Callable[[], None], device: torch.device) -> float:
@@ -94,7 +97,7 @@ def render_markdown(results: dict) -> str:
         f"{meta['cpu_native_bf16']}; torch {meta['torch']}, sam2 {meta['sam2']}",
         f"- git {meta['git_commit']}{' (uncommitted changes in the tree)' if meta['git_dirty'] else ''}; {results['date']}",
         f"- {setup['images']} JPEG files 640x480, config {setup['config']}, {setup['image_size']}x{setup['image_size']}, "
-        f"fp32; CLI batch {setup['batch_size']}, {setup['workers']} decoding worker(s); {setup['rounds']} interleaved "
+        f"reference loop in fp32; CLI batch {setup['batch_size']}, {setup['workers']} decoding worker(s); {setup['rounds']} interleaved "
         "rounds each; every timing includes building the encoder, decoding, encoding and writing",
         f"- command: `{results['command']}`",
         "",
@@ -118,6 +121,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--cli-dtypes", default="fp32,bf16", help="the CLI's --dtype values to run (the reference "
+                                                                   "loop runs in fp32)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--results", default=str(REPO_ROOT / "bench" / "results"))
     args = parser.parse_args(argv)
@@ -134,12 +139,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         runs: Dict[str, Callable[[Path], None]] = {
             "reference loop": lambda out: reference_loop(paths, checkpoint, args, out, device),
-            "sam2-fast embed": lambda out: cli_run(folder, checkpoint, args, out, device),
+            **{f"sam2-fast embed --dtype {dtype}": functools.partial(cli_run, folder, checkpoint, args, device=device,
+                                                                     dtype=dtype)
+               for dtype in args.cli_dtypes.split(",")},
         }
         samples: Dict[str, List[float]] = {name: [] for name in runs}
         for round_index in range(args.rounds):
             for name, run in runs.items():
-                seconds = timed(lambda: run(scratch / f"out-{round_index}-{name.replace(' ', '-')}"), device)
+                seconds = timed(lambda: run(scratch / f"out-{round_index}-{name.split()[-1]}"), device)
                 samples[name].append(seconds)
                 print(f"round {round_index + 1}/{args.rounds} {name}: {seconds:.2f} s, {args.images / seconds:.2f} images/s")
 
@@ -156,7 +163,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "date": utc_now(), "environment": environment(device), "rows": rows,
         "command": "python -m bench.embed_throughput " + " ".join(argv if argv is not None else sys.argv[1:]),
         "setup": {key: getattr(args, key) for key in ("config", "image_size", "images", "batch_size", "workers",
-                                                      "rounds")},
+                                                      "rounds", "cli_dtypes")},
     }
     markdown = render_markdown(results)
     print(markdown)

@@ -134,7 +134,8 @@ def write_shard(path: str, tensors: Dict[str, torch.Tensor], record: dict) -> No
 
 
 def read_shard_record(path: str) -> Optional[dict]:
-    """The record a complete shard carries, or None if the file is cut short or not a shard of ours.
+    """The record a complete shard carries, or None if the file was cut short. A complete safetensors file that
+    is not one of ours stops the run (it is not ours to remove).
 
     A safetensors file is an 8-byte header length, a JSON header giving every tensor's byte range, and the data:
     complete exactly when its size is the end of the last range.
@@ -148,11 +149,15 @@ def read_shard_record(path: str) -> Optional[dict]:
             header = json.loads(file.read(header_length))
         data_end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"),
                        default=0)
-        if 8 + header_length + data_end != size:
-            return None
-        return json.loads(header["__metadata__"][SHARD_METADATA_KEY])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, IndexError):
         return None
+    if 8 + header_length + data_end != size:
+        return None
+    try:
+        return json.loads(header["__metadata__"][SHARD_METADATA_KEY])
+    except (KeyError, TypeError, ValueError):
+        raise SystemExit(f"{path} is a safetensors file but not a sam2-fast embed shard: move it out of "
+                         f"{os.path.dirname(path)}") from None
 
 
 def scan_shards(out_dir: str, remove_incomplete: bool) -> Tuple[Dict[str, dict], List[str]]:

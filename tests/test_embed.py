@@ -228,3 +228,12 @@ def test_bad_arguments_are_explained(tmp_path, capsys):
     with pytest.raises(SystemExit):
         embed.main(["x.png", "--out", str(tmp_path), "--features", "vision_features,mask"])
     assert "expected a comma-separated subset of vision_features, backbone_fpn.0" in capsys.readouterr().err
+
+
+def test_a_foreign_file_among_the_shards_is_left_alone(tmp_path):
+    shards = tmp_path / "out" / "shards"
+    shards.mkdir(parents=True)
+    safetensors_torch.save_file({"weights": torch.zeros(3)}, str(shards / "mine.safetensors"))
+    with pytest.raises(SystemExit, match="mine.safetensors is a safetensors file but not a sam2-fast embed shard"):
+        embed.main(["x.png", "--out", str(tmp_path / "out")])
+    assert (shards / "mine.safetensors").exists()
