@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 import tempfile
 import time
@@ -100,6 +101,8 @@ def render_markdown(results: dict) -> str:
         f"reference loop in fp32; CLI batch {setup['batch_size']}, {setup['workers']} decoding worker(s); {setup['rounds']} interleaved "
         "rounds each; every timing includes building the encoder, decoding, encoding and writing",
         f"- command: `{results['command']}`",
+        f"- machine load (1-minute load average, {results['load_average_1min']['cpus']} CPUs): "
+        f"{results['load_average_1min']['before']:.1f} before, {results['load_average_1min']['after']:.1f} after",
         "",
         "| impl | images/s (median) | p20-p80 images/s | s per run (median) | vs reference loop |",
         "|---|---|---|---|---|",
@@ -144,12 +147,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                for dtype in args.cli_dtypes.split(",")},
         }
         samples: Dict[str, List[float]] = {name: [] for name in runs}
+        # Other work on the machine slows every run; its load (runnable processes, 1-minute average) is kept with
+        # the result.
+        load_before = os.getloadavg()[0]
         for round_index in range(args.rounds):
             for name, run in runs.items():
                 seconds = timed(lambda: run(scratch / f"out-{round_index}-{name.split()[-1]}"), device)
                 samples[name].append(seconds)
                 print(f"round {round_index + 1}/{args.rounds} {name}: {seconds:.2f} s, {args.images / seconds:.2f} images/s")
 
+    load_after = os.getloadavg()[0]
     reference_median = summarize(samples["reference loop"])["median"]
     rows = {}
     for name, seconds in samples.items():
@@ -161,6 +168,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         }
     results = {
         "date": utc_now(), "environment": environment(device), "rows": rows,
+        "load_average_1min": {"before": load_before, "after": load_after, "cpus": os.cpu_count()},
         "command": "python -m bench.embed_throughput " + " ".join(argv if argv is not None else sys.argv[1:]),
         "setup": {key: getattr(args, key) for key in ("config", "image_size", "images", "batch_size", "workers",
                                                       "rounds", "cli_dtypes")},
