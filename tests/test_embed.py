@@ -142,8 +142,12 @@ def _embed_command(*arguments):
 
 def test_resume_after_a_killed_run_and_a_cut_short_shard(tmp_path, capsys, checkpoint, encoder):
     folder = tmp_path / "many"
-    names = [f"img{i:02d}.png" for i in range(16)]
-    _write_images(folder, names, seed=1)
+    names = [f"img{i:02d}.png" for i in range(12)]
+    held = 5
+    _write_images(folder, names[:held] + names[held + 1:], seed=1)
+    # A named pipe that nobody writes to: reading it blocks, so the run is killed at a known point, with the
+    # images before it embedded (one shard each) and the ones after it not started.
+    os.mkfifo(folder / names[held])
     out = tmp_path / "embeddings"
     shards = out / "shards"
     arguments = _arguments(out, checkpoint, "--batch-size", "1", "--shard-size", "1", "--workers", "0",
@@ -152,15 +156,17 @@ def test_resume_after_a_killed_run_and_a_cut_short_shard(tmp_path, capsys, check
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
-        if shards.is_dir() and len([p for p in shards.iterdir() if p.suffix == ".safetensors"]) >= 3:
+        if shards.is_dir() and len([p for p in shards.iterdir() if p.suffix == ".safetensors"]) >= held:
             break
-        time.sleep(0.02)
+        time.sleep(0.05)
     assert process.poll() is None, "the run ended before it could be killed"
     process.send_signal(signal.SIGKILL)
     process.wait()
+    os.remove(folder / names[held])
+    _write_images(folder, [names[held]], seed=2)
 
     kept = sorted(p.name for p in shards.iterdir() if p.suffix == ".safetensors")
-    assert 3 <= len(kept) < len(names)
+    assert len(kept) == held
     # What a crash while writing leaves: a temporary file, and (a filesystem that lost the tail of a renamed file)
     # a shard cut short.
     (shards / ".interrupted.safetensors.tmp").write_bytes(b"partial")
