@@ -78,8 +78,9 @@ def extension_build():
 ext_modules, cmdclass = extension_build()
 
 setup(
-    packages=["sam2_fast", "sam2_fast.kernels"],
+    packages=["sam2_fast", "sam2_fast.kernels", "sam2_fast.sam2_configs"],
     package_dir={"sam2_fast": "sam2_fast", "sam2_fast.kernels": "kernels"},
+    package_data={"sam2_fast.sam2_configs": ["*/*.yaml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

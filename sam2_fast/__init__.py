@@ -2,12 +2,17 @@
 
     from sam2_fast import ImageEncoder, Hiera, FpnNeck, PositionEmbeddingSine   # same arguments as sam2's
     encoder = sam2_fast.build_image_encoder("sam2.1_hiera_base_plus", checkpoint="sam2.1_hiera_base_plus.pt")
+    sam2_fast.optimize(model)   # a model from sam2's build_sam2, or a predictor: its image encoder becomes ours
 """
 
+import importlib.util
+
+from . import sam2_configs
 from .build import build_image_encoder
 from .capture import CudaGraphImageEncoder, capture_cuda_graphs
 from .checkpoint import CheckpointError, load_checkpoint
 from .configs import CONFIGS, DEFAULT_CONFIG, EncoderConfig, get_config
+from .drop_in import OptimizedImageEncoder, optimize
 from .export import ExportedEncoder, export_encoder, load_exported
 from .hiera import Hiera, MultiScaleAttention, MultiScaleBlock
 from .image_encoder import FpnNeck, ImageEncoder
@@ -16,10 +21,15 @@ from .position_encoding import PositionEmbeddingSine
 
 __version__ = "0.1.0"
 
+# sam2 builds its models through hydra: register our configs wherever hydra is installed, so that
+# build_sam2("sam2_fast/sam2.1/sam2.1_hiera_b+.yaml", ...) finds them.
+if importlib.util.find_spec("hydra") is not None:
+    sam2_configs.register()
+
 __all__ = [
     "ImageEncoder", "Hiera", "MultiScaleBlock", "MultiScaleAttention", "FpnNeck", "PositionEmbeddingSine",
     "build_image_encoder", "load_checkpoint", "CheckpointError", "CONFIGS", "DEFAULT_CONFIG", "EncoderConfig",
     "get_config", "set_backend", "get_backend", "use_backend", "backend_status", "active_backends",
     "BackendUnavailableError", "capture_cuda_graphs", "CudaGraphImageEncoder", "export_encoder", "load_exported",
-    "ExportedEncoder",
+    "ExportedEncoder", "optimize", "OptimizedImageEncoder",
 ]

@@ -1,7 +1,9 @@
-"""Command line: ``sam2-fast info`` (backends) and ``sam2-fast encode`` (images -> SAM-2 image embeddings).
+"""Command line: ``sam2-fast info`` (backends), ``sam2-fast encode`` (a few images, timed, optionally checked
+against the sam2 package) and ``sam2-fast embed`` (many images to embedding files, see :mod:`sam2_fast.embed`).
 
     sam2-fast encode photo.jpg --config sam2.1_hiera_base_plus --checkpoint sam2.1_hiera_base_plus.pt --out emb.pt
     sam2-fast encode --compare-reference          # a generated sample image, checked against the sam2 package
+    sam2-fast embed photos/ --checkpoint sam2.1_hiera_base_plus.pt --config sam2.1_hiera_base_plus --out emb/
 """
 
 from __future__ import annotations
@@ -13,14 +15,11 @@ from typing import List, Optional
 
 import torch
 
-from . import ops
+from . import embed, ops
 from .build import build_image_encoder
 from .configs import CONFIGS, DEFAULT_CONFIG
-
-# SAM-2's image normalisation (ImageNet statistics), applied after scaling pixels to [0, 1].
-PIXEL_MEAN = (0.485, 0.456, 0.406)
-PIXEL_STD = (0.229, 0.224, 0.225)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from .embed import DTYPES
+from .images import load_image, normalize
 
 
 def sample_image(size: int) -> torch.Tensor:
@@ -31,25 +30,6 @@ def sample_image(size: int) -> torch.Tensor:
     square = ((x - 0.7).abs() < 0.12) & ((y - 0.65).abs() < 0.12)
     image = torch.stack((0.6 * x + 0.4 * disc, 0.5 * y + 0.5 * square.float(), 0.3 + 0.4 * x * y))
     return image.clamp(0, 1)
-
-
-def load_image(path: str, size: int) -> torch.Tensor:
-    """An image file as a (3, size, size) tensor in [0, 1], resized as SAM-2 resizes (no aspect ratio kept)."""
-    try:
-        from PIL import Image
-    except ImportError as error:
-        raise SystemExit("reading image files needs Pillow: pip install pillow") from error
-    import numpy as np
-
-    with Image.open(path) as image:
-        array = np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1)
-
-
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(PIXEL_MEAN, dtype=images.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(PIXEL_STD, dtype=images.dtype).view(1, 3, 1, 1)
-    return (images - mean) / std
 
 
 def _synchronize(device: torch.device) -> None:
@@ -169,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--compare-reference", action="store_true", help="also run the sam2 package and print the max difference")
     encode.add_argument("--out", help="save the embeddings to this .pt file")
     encode.set_defaults(run=command_encode)
+
+    embedding = commands.add_parser("embed", help="embed many images into safetensors shards (resumable, torchrun)",
+                                    description=embed.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    embed.add_arguments(embedding)
+    embedding.set_defaults(run=embed.run)
     return parser
 
 
