@@ -57,7 +57,8 @@ class CudaGraphImageEncoder(ImageEncoder):
     """An :class:`~sam2_fast.ImageEncoder` that replays CUDA graphs; made by :func:`capture_cuda_graphs`.
 
     It holds the same ``trunk`` and ``neck`` modules as the encoder it was made from (parameters shared, not
-    copied; the same ``state_dict`` keys), and gives the same output dict.
+    copied; the same ``state_dict`` keys), and records and runs that encoder's own ``forward`` (so an encoder from
+    :func:`sam2_fast.optimize` keeps its backend and compute dtype), giving the same output dict.
     """
 
     def __init__(self, encoder: ImageEncoder, max_graphs: int = 8, copy_outputs: bool = True, warmup_calls: int = 2):
@@ -65,6 +66,7 @@ class CudaGraphImageEncoder(ImageEncoder):
         self.trunk = encoder.trunk
         self.neck = encoder.neck
         self.scalp = encoder.scalp
+        self._encoder_forward = encoder.forward
         self.max_graphs = max_graphs
         self.copy_outputs = copy_outputs
         self.warmup_calls = warmup_calls
@@ -90,7 +92,8 @@ class CudaGraphImageEncoder(ImageEncoder):
     capture_device_type = "cuda"
 
     def forward(self, sample: torch.Tensor) -> Dict[str, object]:
-        self.trunk.check_input(sample)
+        if not isinstance(sample, torch.Tensor):
+            return self._encoder_forward(sample)  # raises the encoder's own error for what it was given
         weights_key, needs_grad = self._weights_state()
         if needs_grad or (torch.is_grad_enabled() and sample.requires_grad):
             raise RuntimeError(
@@ -101,7 +104,7 @@ class CudaGraphImageEncoder(ImageEncoder):
             )
         if sample.device.type != self.capture_device_type:
             self._warn_not_captured(sample)
-            return super().forward(sample)
+            return self._encoder_forward(sample)
         if weights_key != self._weights_key:
             # Moved or reloaded weights: graphs read parameters by address, and the positional-embedding cache they
             # captured was computed from the old values.
@@ -173,7 +176,7 @@ class CudaGraphImageEncoder(ImageEncoder):
 
         def run() -> Dict[str, object]:
             with torch.autocast(**autocast):
-                return ImageEncoder.forward(self, static_input)
+                return self._encoder_forward(static_input)
 
         graph, static_output = self._record(run, sample.device)
         cached = [
@@ -183,7 +186,8 @@ class CudaGraphImageEncoder(ImageEncoder):
 
     def _record(self, run, device: torch.device):
         """(a CUDA graph of ``run()``, the outputs it writes), after ``warmup_calls`` calls of ``run`` on a side stream
-        (Triton kernels compile and the encoder's caches fill before recording)."""
+        (Triton kernels compile and the encoder's caches fill before recording; an input the encoder refuses
+        raises its error there, before anything is recorded)."""
         side_stream = torch.cuda.Stream(device=device)
         side_stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side_stream):

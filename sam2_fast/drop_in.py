@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from . import ops
+from .capture import capture_cuda_graphs
 from .hiera import Hiera
 from .image_encoder import FpnNeck, ImageEncoder
 from .position_encoding import PositionEmbeddingSine
@@ -186,6 +187,7 @@ def optimize(
     backend: Optional[str] = None,
     dtype: Optional[torch.dtype] = None,
     compile: Union[bool, Mapping[str, object]] = False,
+    capture: Union[bool, Mapping[str, object]] = False,
 ):
     """Replace the image encoder of a built SAM-2 model with sam2_fast's, in place, and return ``model``.
 
@@ -198,8 +200,13 @@ def optimize(
     device. ``dtype``: run the encoder with its weights cast to this dtype (e.g. ``torch.bfloat16``), taking and
     returning the model's dtype. ``compile``: ``torch.compile`` the encoder (``True``: fullgraph, one graph per
     input shape; a dict: those torch.compile arguments). The model's own ``compile_image_encoder`` applied to the
-    replaced encoder only: pass ``compile`` here instead.
+    replaced encoder only: pass ``compile`` here instead. ``capture``: replay CUDA graphs of the encoder
+    (:func:`sam2_fast.capture_cuda_graphs`; ``True`` or a dict of its arguments), for inference on CUDA without a
+    compile step; not together with ``compile``.
     """
+    if compile and capture:
+        raise ValueError("sam2_fast.optimize: compile and capture are two ways to the same end; pick one (compile "
+                         "mode='reduce-overhead' also CUDA-graphs the encoder)")
     sam2_model = _sam2_model(model)
     encoder = fast_image_encoder(sam2_model.image_encoder)
     if backend is not None:
@@ -215,5 +222,7 @@ def optimize(
         encoder.compute_dtype = dtype
     if compile:
         encoder.compile(**(DEFAULT_COMPILE_OPTIONS if compile is True else dict(compile)))
+    if capture:
+        encoder = capture_cuda_graphs(encoder, **({} if capture is True else dict(capture)))
     sam2_model.image_encoder = encoder
     return model

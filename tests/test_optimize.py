@@ -180,3 +180,32 @@ def test_image_predictor_set_image_and_batch():
         _fp32_close(predictor._features["image_embed"], expected["image_embed"], "image_embed")
         for level, (a, e) in enumerate(zip(predictor._features["high_res_feats"], expected["high_res_feats"])):
             _fp32_close(a, e, f"high_res_feats[{level}]")
+
+
+def test_capture_keeps_the_encoders_backend_keys_and_outputs():
+    # capture=True wraps the optimized encoder: its backend and compute dtype still apply (the wrapper records the
+    # encoder's own forward), the model's keys and tensors stay. On CPU it runs eagerly (graphs need CUDA).
+    model = _model("build_sam2", "configs/sam2.1/sam2.1_hiera_t.yaml")
+    expected = _head_inputs(model, IMAGE)
+    keys_before = list(model.state_dict())
+    with pytest.raises(ValueError, match="pick one"):
+        sam2_fast.optimize(model, compile=True, capture=True)
+    sam2_fast.optimize(model, backend="torch", capture={"max_graphs": 2})
+    assert isinstance(model.image_encoder, sam2_fast.CudaGraphImageEncoder) and model.image_encoder.max_graphs == 2
+    assert list(model.state_dict()) == keys_before
+    with ops.use_backend("triton"), pytest.warns(UserWarning, match="CUDA graphs need CUDA tensors"):
+        if ops.runs_whole_encoder("triton", "cpu"):
+            pytest.skip("the Triton backend runs on CPU here (TRITON_INTERPRET=1): no unavailable backend to pin past")
+        actual = _head_inputs(model, IMAGE)
+    _assert_same_head_inputs(actual, expected)
+
+
+@pytest.mark.gpu
+def test_capture_on_cuda_matches_the_reference_model():
+    model = _model("build_sam2", "configs/sam2.1/sam2.1_hiera_t.yaml").cuda()
+    image = IMAGE.cuda()
+    expected = _head_inputs(model, image)
+    sam2_fast.optimize(model, capture=True)
+    _head_inputs(model, image)  # records
+    _assert_same_head_inputs(_head_inputs(model, image), expected)
+    assert model.image_encoder.num_graphs == 1
