@@ -154,15 +154,16 @@ def fast_image_encoder(encoder: nn.Module) -> OptimizedImageEncoder:
     _check_type(encoder.trunk, "trunk", "image_encoder.trunk", classes)
     _check_type(encoder.neck, "neck", "image_encoder.neck", classes)
     _check_type(encoder.neck.position_encoding, "position_encoding", "image_encoder.neck.position_encoding", classes)
-    # The skeleton is built on CPU with its own initial weights, which are dropped as soon as the model's
-    # tensors replace them.
-    position_encoding = PositionEmbeddingSine(**_position_encoding_arguments(encoder.neck.position_encoding),
-                                              warmup_cache=False)
-    fast = OptimizedImageEncoder(
-        Hiera(**_trunk_arguments(encoder.trunk)),
-        FpnNeck(position_encoding, **_neck_arguments(encoder.neck)),
-        scalp=encoder.scalp,
-    )
+    # The skeleton is built on the meta device (no memory, no initialisation): the model's tensors replace all of
+    # its parameters and buffers right after.
+    with torch.device("meta"):
+        position_encoding = PositionEmbeddingSine(**_position_encoding_arguments(encoder.neck.position_encoding),
+                                                  warmup_cache=False)
+        fast = OptimizedImageEncoder(
+            Hiera(**_trunk_arguments(encoder.trunk)),
+            FpnNeck(position_encoding, **_neck_arguments(encoder.neck)),
+            scalp=encoder.scalp,
+        )
     _share_tensors(encoder, fast)
     return fast.train(encoder.training)
 

@@ -272,7 +272,8 @@ class Hiera(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, embed_dim, *window_pos_embed_bkg_spatial_size))
         self.pos_embed_window = nn.Parameter(torch.zeros(1, embed_dim, window_spec[0], window_spec[0]))
 
-        drop_path_rates = [rate.item() for rate in torch.linspace(0, drop_path_rate, depth)]
+        # On the CPU whatever the default device (a skeleton built on "meta" still reads its rates).
+        drop_path_rates = [rate.item() for rate in torch.linspace(0, drop_path_rate, depth, device="cpu")]
         cur_stage = 1
         self.blocks = nn.ModuleList()
         for i in range(depth):
