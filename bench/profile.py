@@ -18,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
 
 from .matrix import Impl
-from .measure import device_name, device_slug, environment
+from .measure import cpu_line, device_name, device_slug, environment
 from .workloads import EncoderSet, seeded_image, short_name
 
 # Operator name (aten:: and our namespaces) -> category. Unlisted operators fall into "other".
@@ -89,7 +89,8 @@ def markdown(cases: Dict[str, Dict[str, Dict[str, float]]], device: torch.device
                 lines.append(f"| {category} | {r:.1f} | {o:.1f} | {r - o:+.1f} |")
         total_r, total_o = sum(ref.values()), sum(ours.values())
         lines += [f"| **total** | **{total_r:.1f}** | **{total_o:.1f}** | **{total_r - total_o:+.1f}** |", ""]
-    lines += ["Environment: " + ", ".join(f"{k} {v}" for k, v in environment(device).items()), ""]
+    meta = environment(device)
+    lines += [f"{cpu_line(meta)}.", "", "Environment: " + ", ".join(f"{k} {v}" for k, v in meta.items()), ""]
     return "\n".join(lines)
 
 
