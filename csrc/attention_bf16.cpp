@@ -13,9 +13,12 @@
 #include <exception>
 #include <string>
 
-#include <immintrin.h>
-
 #include "cpu_utils.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SAM2_FAST_BF16_ROW_KERNELS 1
+#include <immintrin.h>
+#endif
 
 namespace sam2_fast {
 namespace {
@@ -23,6 +26,8 @@ namespace {
 // Keys per block of the running softmax: a block's scores (queries x 512 fp32) and probabilities stay in L2. Even,
 // so that every block but the last starts on a pair of the VNNI values.
 constexpr int64_t kKeyBlock = 512;
+
+#if SAM2_FAST_BF16_ROW_KERNELS
 
 // The row kernels below use AVX-512 and its bf16 conversion (VCVTNEPS2BF16): they only run where the bf16 path
 // does, on CPUs with AVX512-BF16 (every CPU with AMX has it too), and are compiled for that ISA alone.
@@ -89,6 +94,18 @@ SAM2_FAST_AVX512_BF16 void scale_out_row(float* row, int64_t count, float factor
   }
 }
 
+#else
+
+// Elsewhere the path never runs (bf16_matrix_units_usable() is false): these only keep the build whole.
+[[noreturn]] void no_row_kernels() {
+  TORCH_CHECK(false, "the bf16 matrix-unit attention needs an x86-64 CPU with AVX512-BF16");
+}
+float max_logit(const float*, int64_t, float, const float*) { no_row_kernels(); }
+float exp_row(const float*, int64_t, float, const float*, float, c10::BFloat16*) { no_row_kernels(); }
+void scale_out_row(float*, int64_t, float) { no_row_kernels(); }
+
+#endif  // SAM2_FAST_BF16_ROW_KERNELS
+
 // Whether ATen's brgemm computes a small bf16 product in VNNI layout correctly here (it raises where oneDNN's
 // micro-kernels are not built or not supported).
 bool brgemm_bf16_works() {
@@ -116,6 +133,9 @@ bool brgemm_bf16_works() {
 
 // The row kernels need AVX512-BF16; AMX (without it, on no CPU made so far) would not be enough.
 bool cpu_has_bf16_units() {
+#if !SAM2_FAST_BF16_ROW_KERNELS
+  return false;
+#endif
   const auto capabilities = at::cpu::get_cpu_capabilities();
   const auto has = [&](const std::string& name) {
     const auto found = capabilities.find(name);
@@ -224,6 +244,8 @@ void pack_values(const Bf16AttentionShape& shape, int64_t first, int64_t last,
   }
 }
 
+#if SAM2_FAST_BF16_ROW_KERNELS
+
 SAM2_FAST_AVX512_BF16 void store_bf16_row(const float* src, int64_t count, float factor, c10::BFloat16* dst) {
   for (int64_t d = 0; d < count; d += kLanes16) {
     const __mmask16 mask = lanes_mask(count - d);
@@ -238,6 +260,13 @@ SAM2_FAST_AVX512_BF16 void copy_bf16_row(const c10::BFloat16* src, int64_t count
     _mm512_mask_storeu_epi16(dst + d, mask, _mm512_maskz_loadu_epi16(mask, src + d));
   }
 }
+
+#else
+
+void store_bf16_row(const float*, int64_t, float, c10::BFloat16*) { no_row_kernels(); }
+void copy_bf16_row(const c10::BFloat16*, int64_t, c10::BFloat16*) { no_row_kernels(); }
+
+#endif  // SAM2_FAST_BF16_ROW_KERNELS
 
 void release_bf16_matrix_units() { at::native::cpublas::brgemm_release(true); }
 
