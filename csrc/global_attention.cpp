@@ -57,10 +57,12 @@ at::Tensor global_attention_bf16(const at::Tensor& qkv, const at::Tensor& q_map,
   const Bf16AttentionShape packed_shape{kGlobalQueryBlock, num_keys, head_dim};
   const int64_t keys_size = packed_shape.depth() * packed_shape.key_columns();
   const int64_t values_size = packed_shape.padded_keys() * packed_shape.value_columns();
-  std::vector<bf16> packed(batch * num_heads * (keys_size + values_size));
-  const auto keys_vnni = [&](int64_t b, int64_t head) { return packed.data() + (b * num_heads + head) * keys_size; };
+  // Every entry brgemm reads is written by the packing below, so the buffer starts uninitialized.
+  const at::Tensor packed_storage = at::empty({batch * num_heads * (keys_size + values_size)}, qkv.options());
+  bf16* packed = packed_storage.mutable_data_ptr<bf16>();
+  const auto keys_vnni = [&](int64_t b, int64_t head) { return packed + (b * num_heads + head) * keys_size; };
   const auto values_vnni = [&](int64_t b, int64_t head) {
-    return packed.data() + batch * num_heads * keys_size + (b * num_heads + head) * values_size;
+    return packed + batch * num_heads * keys_size + (b * num_heads + head) * values_size;
   };
 
   // Pack: task (b, head, key block).

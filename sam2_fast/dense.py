@@ -58,15 +58,16 @@ _PACKED_BF16_WEIGHTS = WeakIdKeyDictionary()
 def _packs_bf16(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     """Whether ``linear(x, weight, bias)`` runs on a prepacked bf16 weight: eager CPU inference computing in bf16
     (bf16 weights, or bf16 autocast) where the CPU has bf16 units and oneDNN is enabled."""
-    if x.device.type != "cpu" or torch.compiler.is_compiling() or _needs_grad(x, weight, bias):
-        return False
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
     return (
         dtype == torch.bfloat16
+        and x.device.type == "cpu"
         and CPU_NATIVE_LOW_PRECISION[torch.bfloat16]
+        and not torch.compiler.is_compiling()
+        and not _needs_grad(x, weight, bias)
+        and type(x) is torch.Tensor
         and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
-        and type(x) is torch.Tensor
     )
 
 
