@@ -23,7 +23,8 @@ from .workloads import EncoderSet, seeded_image, short_name
 
 # Operator name (aten:: and our namespaces) -> category. Unlisted operators fall into "other".
 CATEGORIES: List[Tuple[str, Tuple[str, ...]]] = [
-    ("GEMM (linear)", ("aten::addmm", "aten::addmm_", "aten::mm", "aten::bmm", "aten::matmul")),
+    ("GEMM (linear)", ("aten::addmm", "aten::addmm_", "aten::mm", "aten::bmm", "aten::matmul",
+                       "mkldnn::_linear_pointwise")),
     ("attention", ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_efficient_attention",
                    "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_cudnn_attention",
                    "sam2_fast_ext::window_attention", "sam2_fast_ext::global_attention",
