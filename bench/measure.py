@@ -16,6 +16,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from sam2_fast.precision import cpu_units, cpu_units_label, extension_bf16_attention
+
 from .workloads import REPO_ROOT
 
 # Datasheet peaks, dense (no sparsity): FLOP/s per dtype the attention runs in, and HBM bytes/s. The first entry
@@ -162,15 +164,28 @@ def cpu_forward_peak_bytes(config: str, image_size: int, batch: int, dtype: str,
 # ------------------------------------------------------------------------------------------------------------
 # The device
 
-def cpu_model() -> str:
+def _cpuinfo_field(name: str) -> Optional[str]:
+    """The first ``name`` line of /proc/cpuinfo, or None."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                if key.strip() == name:
+                    return value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model() -> str:
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
+
+
+def cpu_family_model() -> Optional[str]:
+    """``family F model M`` of /proc/cpuinfo: CPUs sold under one model name differ in it (AMD EPYC: family 25
+    model 1 is Zen 3, model 17 Zen 4)."""
+    family, model = _cpuinfo_field("cpu family"), _cpuinfo_field("model")
+    return None if family is None or model is None else f"family {family} model {model}"
 
 
 def slugify(text: str) -> str:
@@ -178,16 +193,18 @@ def slugify(text: str) -> str:
 
 
 def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model with its best low-precision unit and the thread count, e.g.
+    ``AMD EPYC, AVX512-BF16 (2 threads)``."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{cpu_model()} ({torch.get_num_threads()} threads)"
+    return f"{cpu_model()}, {cpu_units_label()} ({torch.get_num_threads()} threads)"
 
 
 def device_slug(device: torch.device) -> str:
-    """The results file name: the GPU's name, or ``cpu-<model>-<threads>-threads``."""
+    """The results file name: the GPU's name, or ``cpu-<model>-<best unit>-<threads>-threads``."""
     if device.type == "cuda":
         return slugify(torch.cuda.get_device_name(device))
-    return slugify(f"cpu {cpu_model()} {torch.get_num_threads()} threads")
+    return slugify(f"cpu {cpu_model()} {cpu_units_label()} {torch.get_num_threads()} threads")
 
 
 def _git(*args: str) -> Optional[str]:
@@ -214,6 +231,12 @@ def environment(device: torch.device) -> Dict[str, object]:
         "device_name": device_name(device),
         "device_slug": device_slug(device),
         "cpu_model": cpu_model(),
+        "cpu_family_model": cpu_family_model(),
+        "cpu_units": cpu_units(),
+        "extension_bf16_attention": (
+            "n/a" if device.type != "cpu" else
+            {True: "matrix units", False: "fp32 core", None: "extension not loaded"}[extension_bf16_attention()]
+        ),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -231,6 +254,16 @@ def environment(device: torch.device) -> Dict[str, object]:
         info["cuda"] = torch.version.cuda
         info["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
     return info
+
+
+def cpu_line(meta: dict) -> str:
+    """The CPU, its units and what they decide, for a results file's header."""
+    units = ", ".join(name for name, present in meta["cpu_units"].items() if present) or "none of AMX, AVX-512, AVX2"
+    return (
+        f"CPU {meta['cpu_model']} ({meta['cpu_family_model'] or 'family unknown'}; units: {units}; ATen "
+        f"{meta['cpu_capability']}, {'native' if meta['cpu_native_bf16'] else 'no native'} bf16 in oneDNN; the "
+        f"extension's bf16 attention: {meta['extension_bf16_attention']}), {meta['torch_threads']} torch threads"
+    )
 
 
 def _sam2_version() -> Optional[str]:

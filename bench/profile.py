@@ -21,12 +21,13 @@ from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
 
 from .matrix import Impl
-from .measure import device_name, device_slug, environment
+from .measure import cpu_line, device_name, device_slug, environment
 from .workloads import EncoderSet, seeded_image, short_name
 
 # Operator name (aten:: and our namespaces) -> category. Unlisted operators fall into "other".
 CATEGORIES: List[Tuple[str, Tuple[str, ...]]] = [
-    ("GEMM (linear)", ("aten::addmm", "aten::addmm_", "aten::mm", "aten::bmm", "aten::matmul")),
+    ("GEMM (linear)", ("aten::addmm", "aten::addmm_", "aten::mm", "aten::bmm", "aten::matmul",
+                       "mkldnn::_linear_pointwise")),
     ("attention", ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_efficient_attention",
                    "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_cudnn_attention",
                    "sam2_fast_ext::window_attention", "sam2_fast_ext::global_attention",
@@ -166,7 +167,8 @@ def markdown(cases: Dict[str, Dict[str, Dict[str, float]]], device: torch.device
         total_r, total_o = sum(ref.values()), sum(ours.values())
         lines += [f"| **total** | **{total_r:.{digits}f}** | **{total_o:.{digits}f}** | "
                   f"**{total_r - total_o:+.{digits}f}** |", ""]
-    lines += ["Environment: " + ", ".join(f"{k} {v}" for k, v in environment(device).items()), ""]
+    meta = environment(device)
+    lines += [f"{cpu_line(meta)}.", "", "Environment: " + ", ".join(f"{k} {v}" for k, v in meta.items()), ""]
     return "\n".join(lines)
 
 

@@ -28,7 +28,7 @@ import sam2_fast
 from . import matrix as bench_matrix
 from .matrix import Impl, Matrix
 from .measure import (
-    CPU_MEMORY_METHOD, CUDA_MEMORY_METHOD, EXTRA_WARMUP_CALLS, calibrate, cpu_forward_peak_bytes, cuda_forward_peak_bytes, dtype_label,
+    CPU_MEMORY_METHOD, CUDA_MEMORY_METHOD, EXTRA_WARMUP_CALLS, calibrate, cpu_line, cpu_forward_peak_bytes, cuda_forward_peak_bytes, dtype_label,
     environment, rooflines, summarize, time_calls, utc_now, warm_up,
 )
 from .workloads import (
@@ -343,8 +343,7 @@ def render_markdown(results: dict) -> str:
         f"- Run: {meta['started']} to {meta['finished']}, {meta['rounds']} interleaved rounds per implementation, "
         f"`{' '.join(['python -m bench.report', *meta['argv']])}`",
         f"- torch {meta['torch']}, triton {meta['triton']}, sam2 {meta['sam2']}, sam2_fast {meta['sam2_fast']}, "
-        f"Python {meta['python']}; CPU {meta['cpu_model']} ({meta['cpu_capability']}, "
-        f"{'native' if meta['cpu_native_bf16'] else 'no native'} bf16 in oneDNN), {meta['torch_threads']} torch threads",
+        f"Python {meta['python']}; {cpu_line(meta)}",
         f"- git {meta['git_commit']}{' (uncommitted changes in the tree)' if meta['git_dirty'] else ''}",
         f"- Roofline: {_roofline_line(results['rooflines'])}",
         f"- `auto` resolves to: {', '.join(f'{op} {b}' for op, b in meta['auto_backends'].items())}",

@@ -8,6 +8,8 @@
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
+#include "attention_bf16.h"
+
 namespace sam2_fast {
 namespace {
 
@@ -54,4 +56,11 @@ PYBIND11_MODULE(_C, m) {
     return false;
 #endif
   }, "Whether the extension has CUDA kernels (else CPU only).");
+  m.def("bf16_matrix_attention", &sam2_fast::bf16_matrix_attention,
+        "Whether bf16 window and global attention on CPU run on the CPU's bf16 matrix units (AMX or AVX512-BF16, "
+        "through ATen's brgemm); else on the fp32 core.");
+  m.def("bf16_matrix_units_usable", &sam2_fast::bf16_matrix_units_usable,
+        "Whether this CPU and ATen can run the bf16 matrix-unit attention at all.");
+  m.def("set_bf16_matrix_attention", &sam2_fast::set_bf16_matrix_attention, pybind11::arg("enabled"),
+        "Allow (the default) or forbid the bf16 matrix-unit attention, e.g. to compare it with the fp32 core.");
 }

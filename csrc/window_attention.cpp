@@ -13,6 +13,8 @@
 // count (exp(s + log(count)) = count * exp(s)): windows that overhang the map do only their real tokens' work.
 // One task is one (window, head); the (B * rows * cols * num_heads) tasks are split between the threads by cost
 // (the queries a window keeps after the crop times its keys), so that overhanging windows do not idle a thread.
+// A task's attention runs on the bf16 matrix units (Bf16WindowSolver, attention_bf16.h) for bf16 inputs on CPUs
+// that have them, else on the fp32 core (Fp32WindowSolver, attention_core.h).
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -23,9 +25,11 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
+#include "attention_bf16.h"
 #include "attention_core.h"
 #include "cpu_utils.h"
 
@@ -108,22 +112,138 @@ inline void read_query(
   }
 }
 
-// Key j and value j of a head from one token: keys_t[:, j] (transposed) and values[j, :], plus the head's k and v
-// biases unless they are null.
+// The attention of one (window, head) task on the fp32 core, for every dtype: the task's keys, values and queries
+// are read as floats into the core's padded buffers (see attention_core.h), sized for a full window.
 template <typename scalar_t>
-inline void read_key_value(
-    const scalar_t* token, int64_t key_offset, int64_t value_offset, int64_t head_dim, int64_t j,
-    const AttentionShape& shape, const scalar_t* key_bias, const scalar_t* value_bias, float* keys_t,
-    float* values) {
-  const int64_t key_stride = shape.key_stride();
-  const scalar_t* key = token + key_offset;
-  if (key_bias == nullptr) {
-    for (int64_t d = 0; d < head_dim; ++d) keys_t[d * key_stride + j] = static_cast<float>(key[d]);
-  } else {
-    for (int64_t d = 0; d < head_dim; ++d) keys_t[d * key_stride + j] = add_rounded(key[d], key_bias[d]);
+class Fp32WindowSolver {
+ public:
+  explicit Fp32WindowSolver(const AttentionShape& window)
+      : queries_(window.query_rows() * window.head_dim),
+        keys_t_(window.head_dim * window.key_stride()),
+        values_(window.num_keys * window.value_stride()),
+        scores_(window.query_rows() * window.key_stride()),
+        inverse_sums_(window.query_rows()),
+        result_(window.query_rows() * window.value_stride()) {}
+
+  // Starts a task of this shape (at most the window's).
+  void begin(const AttentionShape& task) { task_ = task; }
+
+  // Key j (keys_t[:, j], transposed) and value j from one token, plus the head's k and v biases unless null.
+  void key_value(int64_t j, const scalar_t* key, const scalar_t* value, const scalar_t* key_bias,
+                 const scalar_t* value_bias) {
+    const int64_t key_stride = task_.key_stride(), head_dim = task_.head_dim;
+    if (key_bias == nullptr) {
+      for (int64_t d = 0; d < head_dim; ++d) keys_t_[d * key_stride + j] = static_cast<float>(key[d]);
+    } else {
+      for (int64_t d = 0; d < head_dim; ++d) keys_t_[d * key_stride + j] = add_rounded(key[d], key_bias[d]);
+    }
+    read_channels(value, value_bias, head_dim, values_.data() + j * task_.value_stride());
   }
-  read_channels(token + value_offset, value_bias, head_dim, values + j * shape.value_stride());
-}
+
+  // Query row i (see read_query).
+  void query(int64_t i, const TokenReader<scalar_t>& reader, int64_t b, int64_t y, int64_t x, bool pooled,
+             int64_t offset, const scalar_t* bias) {
+    read_query(reader, b, y, x, pooled, offset, task_.head_dim, bias, queries_.data() + i * task_.head_dim);
+  }
+
+  // The task's attention (its output rows then go out through write_output).
+  void solve(float scale, const float* key_logit_offsets) {
+    const int64_t head_dim = task_.head_dim;
+    for (int64_t d = 0; d < head_dim; ++d) {
+      float* key_row = keys_t_.data() + d * task_.key_stride();
+      std::fill(key_row + task_.num_keys, key_row + task_.key_stride(), 0.0f);
+    }
+    std::fill(queries_.begin() + task_.num_queries * head_dim, queries_.begin() + task_.query_rows() * head_dim,
+              0.0f);
+    attention_f32(task_, scale, queries_.data(), keys_t_.data(), values_.data(), key_logit_offsets,
+                  scores_.data(), inverse_sums_.data(), result_.data());
+  }
+
+  // Output row i of the task (head_dim values), rounded to scalar_t, at dst.
+  void write_output(int64_t i, scalar_t* dst) const {
+    const float* src = result_.data() + i * task_.value_stride();
+    for (int64_t d = 0; d < task_.head_dim; ++d) dst[d] = static_cast<scalar_t>(src[d]);
+  }
+
+ private:
+  AttentionShape task_{0, 0, 0};
+  std::vector<float> queries_, keys_t_, values_, scores_, inverse_sums_, result_;
+};
+
+// The attention of one (window, head) task of bf16 inputs on the bf16 matrix units (see attention_bf16.h): the
+// keys and values are packed into their VNNI operands straight from the bf16 channels, the queries copied.
+class Bf16WindowSolver {
+  using bf16 = c10::BFloat16;
+
+ public:
+  explicit Bf16WindowSolver(const AttentionShape& window)
+      : Bf16WindowSolver(Bf16AttentionShape{window.num_queries, window.num_keys, window.head_dim}) {}
+  ~Bf16WindowSolver() { release_bf16_matrix_units(); }
+  Bf16WindowSolver(const Bf16WindowSolver&) = delete;
+  Bf16WindowSolver& operator=(const Bf16WindowSolver&) = delete;
+
+  void begin(const AttentionShape& task) { task_ = {task.num_queries, task.num_keys, task.head_dim}; }
+
+  // Packed in solve(); with biases, the sums (rounded to bf16, as `qkv + bias` in bf16) are staged first.
+  void key_value(int64_t j, const bf16* key, const bf16* value, const bf16* key_bias, const bf16* value_bias) {
+    key_rows_[j] = with_bias(key, key_bias, 2 * j);
+    value_rows_[j] = with_bias(value, value_bias, 2 * j + 1);
+  }
+
+  void query(int64_t i, const TokenReader<bf16>& reader, int64_t b, int64_t y, int64_t x, bool pooled,
+             int64_t offset, const bf16* bias) {
+    const int64_t head_dim = task_.head_dim, depth = task_.depth();
+    bf16* row = queries_.data() + i * depth;
+    if (!pooled && bias == nullptr) {
+      copy_bf16_row(reader.token(b, y, x) + offset, head_dim, row);
+    } else {
+      // Pooled and biased values are bf16 values (see read_query), so converting them back is exact.
+      read_query(reader, b, y, x, pooled, offset, head_dim, bias, pooled_.data());
+      for (int64_t d = 0; d < head_dim; ++d) row[d] = static_cast<bf16>(pooled_[d]);
+    }
+    if (depth > head_dim) row[head_dim] = bf16(0.0f);
+  }
+
+  void solve(float scale, const float* key_logit_offsets) {
+    pack_keys(task_, 0, task_.num_keys, key_rows_.data(), keys_vnni_.data());
+    pack_values(task_, 0, task_.num_keys, value_rows_.data(), values_vnni_.data());
+    attention_bf16(task_, scale, queries_.data(), keys_vnni_.data(), values_vnni_.data(), key_logit_offsets,
+                   scratch_, out_.data(), inverse_sums_.data());
+  }
+
+  void write_output(int64_t i, bf16* dst) const {
+    store_bf16_row(out_.data() + i * task_.value_columns(), task_.head_dim, inverse_sums_[i], dst);
+  }
+
+ private:
+  explicit Bf16WindowSolver(const Bf16AttentionShape& window)
+      : queries_(window.num_queries * window.depth()),
+        keys_vnni_(window.depth() * window.key_columns()),
+        values_vnni_(window.padded_keys() * window.value_columns()),
+        out_(window.num_queries * window.value_columns()),
+        inverse_sums_(window.num_queries),
+        key_rows_(window.num_keys),
+        value_rows_(window.num_keys),
+        biased_(2 * window.num_keys * window.head_dim),
+        pooled_(window.head_dim),
+        scratch_(window.num_queries, window.num_keys) {}
+
+  // The channels themselves without a bias; else their sum with it in staging row `slot`.
+  const bf16* with_bias(const bf16* channels, const bf16* bias, int64_t slot) {
+    if (bias == nullptr) return channels;
+    bf16* sum = biased_.data() + slot * task_.head_dim;
+    for (int64_t d = 0; d < task_.head_dim; ++d) sum[d] = static_cast<bf16>(add_rounded(channels[d], bias[d]));
+    return sum;
+  }
+
+  Bf16AttentionShape task_{0, 0, 0};
+  std::vector<bf16> queries_, keys_vnni_, values_vnni_;
+  std::vector<float> out_, inverse_sums_;
+  std::vector<const bf16*> key_rows_, value_rows_;
+  std::vector<bf16> biased_;
+  std::vector<float> pooled_;
+  Bf16AttentionScratch scratch_;
+};
 
 // Checks a (B, H, W, 3 * dim) qkv map and returns it with contiguous channels.
 inline at::Tensor checked_qkv(const at::Tensor& qkv, int64_t num_heads, const char* op_name) {
@@ -200,7 +320,10 @@ at::Tensor window_attention_cpu(
     return (kept_queries + 2) * window_keys(in_h, in_w) * head_dim;
   };
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "window_attention_cpu", [&] {
+  // Runs every task with a Solver (Fp32WindowSolver or Bf16WindowSolver), one per thread.
+  const auto run_tasks = [&](auto solver_type, auto scalar) {
+    using Solver = typename decltype(solver_type)::type;
+    using scalar_t = typename decltype(scalar)::type;
     const TokenReader<scalar_t> reader{qkv.const_data_ptr<scalar_t>(), fill.const_data_ptr<scalar_t>(),
                                        qkv.stride(0), qkv.stride(1), qkv.stride(2), height, width};
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
@@ -211,12 +334,7 @@ at::Tensor window_attention_cpu(
     };
     const scalar_t* added_bias = add_bias ? bias.const_data_ptr<scalar_t>() : nullptr;
     parallel_for_balanced(num_tasks, 1 << 18, task_cost, [&](int64_t begin, int64_t end) {
-      // Sized for a full window; each task zeroes the padding its own shape leaves, as attention_f32 expects.
-      std::vector<float> queries(shape.query_rows() * head_dim);
-      std::vector<float> keys_t(head_dim * shape.key_stride());
-      std::vector<float> values(shape.num_keys * shape.value_stride());
-      std::vector<float> scores(shape.query_rows() * shape.key_stride()), inverse_sums(shape.query_rows());
-      std::vector<float> result(shape.query_rows() * shape.value_stride());
+      Solver solver(shape);
       std::vector<float> key_logit_offsets(shape.num_keys, 0.0f);
       for (int64_t task = begin; task < end; ++task) {
         const auto [b, row, col, head] = place_of(task);
@@ -248,43 +366,40 @@ at::Tensor window_attention_cpu(
         const auto [in_h, in_w] = in_map_extent(row, col);
         const int64_t padding = window_size * window_size - in_h * in_w;
         const AttentionShape task_shape{valid_h * valid_w, window_keys(in_h, in_w), head_dim};
+        solver.begin(task_shape);
         for (int64_t wy = 0; wy < in_h; ++wy) {
           for (int64_t wx = 0; wx < in_w; ++wx) {
-            read_key_value(reader.token(b, y0 + wy, x0 + wx), k_offset, v_offset, head_dim, wy * in_w + wx,
-                           task_shape, k_bias, v_bias, keys_t.data(), values.data());
+            const scalar_t* token = reader.token(b, y0 + wy, x0 + wx);
+            solver.key_value(wy * in_w + wx, token + k_offset, token + v_offset, k_bias, v_bias);
           }
         }
         if (padding > 0) {
-          read_key_value(reader.fill, k_offset, v_offset, head_dim, task_shape.num_keys - 1, task_shape, k_bias,
-                         v_bias, keys_t.data(), values.data());
+          solver.key_value(task_shape.num_keys - 1, reader.fill + k_offset, reader.fill + v_offset, k_bias, v_bias);
           key_logit_offsets[task_shape.num_keys - 1] = std::log(static_cast<float>(padding));
-        }
-        for (int64_t d = 0; d < head_dim; ++d) {
-          float* key_row = keys_t.data() + d * task_shape.key_stride();
-          std::fill(key_row + task_shape.num_keys, key_row + task_shape.key_stride(), 0.0f);
         }
         const int64_t step = q_pool ? 2 : 1;
         for (int64_t qy = 0; qy < valid_h; ++qy) {
           for (int64_t qx = 0; qx < valid_w; ++qx) {
-            read_query(reader, b, y0 + step * qy, x0 + step * qx, q_pool, q_offset, head_dim, q_bias,
-                       queries.data() + (qy * valid_w + qx) * head_dim);
+            solver.query(qy * valid_w + qx, reader, b, y0 + step * qy, x0 + step * qx, q_pool, q_offset, q_bias);
           }
         }
-        std::fill(queries.begin() + task_shape.num_queries * head_dim,
-                  queries.begin() + task_shape.query_rows() * head_dim, 0.0f);
-        attention_f32(task_shape, scale, queries.data(), keys_t.data(), values.data(),
-                      padding > 0 ? key_logit_offsets.data() : nullptr, scores.data(), inverse_sums.data(),
-                      result.data());
+        solver.solve(scale, padding > 0 ? key_logit_offsets.data() : nullptr);
         if (padding > 0) key_logit_offsets[task_shape.num_keys - 1] = 0.0f;
         for (int64_t qy = 0; qy < valid_h; ++qy) {
           for (int64_t qx = 0; qx < valid_w; ++qx) {
-            const float* src = result.data() + (qy * valid_w + qx) * task_shape.value_stride();
-            scalar_t* out_token = output_slice(b, row, col, qy, qx, q_offset);
-            for (int64_t d = 0; d < head_dim; ++d) out_token[d] = static_cast<scalar_t>(src[d]);
+            solver.write_output(qy * valid_w + qx, output_slice(b, row, col, qy, qx, q_offset));
           }
         }
       }
     });
+  };
+
+  if (qkv.scalar_type() == at::kBFloat16 && bf16_matrix_attention()) {
+    run_tasks(std::type_identity<Bf16WindowSolver>{}, std::type_identity<at::BFloat16>{});
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "window_attention_cpu", [&] {
+    run_tasks(std::type_identity<Fp32WindowSolver<scalar_t>>{}, std::type_identity<scalar_t>{});
   });
   return out;
 }

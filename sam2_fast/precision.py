@@ -1,16 +1,44 @@
-"""Low precision on CPUs without bf16/fp16 matrix units: when to compute a bf16/fp16 GEMM in fp32 instead.
+"""Low precision on CPUs: which bf16/fp16 units this CPU has, and when to compute a bf16/fp16 GEMM in fp32 instead.
 
-On such CPUs (AVX2, AVX-512 without BF16) ATen's bf16/fp16 GEMMs, convolutions and SDPA run several times slower
-than fp32 ones. Those GEMMs accumulate in fp32 and round the result once, so computing them in fp32 on the
-low-precision-rounded operands and rounding the result gives the same numbers up to summation order, much sooner.
-CPUs with AMX or AVX512-BF16 (and every GPU) keep the native path.
+On CPUs without bf16/fp16 matrix units (AVX2, AVX-512 without BF16) ATen's bf16/fp16 GEMMs, convolutions and SDPA
+run several times slower than fp32 ones. Those GEMMs accumulate in fp32 and round the result once, so computing them
+in fp32 on the low-precision-rounded operands and rounding the result gives the same numbers up to summation order,
+much sooner. CPUs with AMX or AVX512-BF16 (and every GPU) keep the native path, and there the C++ extension runs bf16
+attention on the matrix units too (see :func:`extension_bf16_attention`).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
+
+# The units that decide the CPU's low-precision paths, as torch's cpuinfo names them, best first.
+CPU_UNITS = {"amx_bf16": "AMX", "avx512_bf16": "AVX512-BF16", "avx512_f": "AVX512", "avx2": "AVX2"}
+
+
+def cpu_units() -> Dict[str, bool]:
+    """Which of :data:`CPU_UNITS` this CPU has (detected at run time by torch's cpuinfo)."""
+    capabilities = torch._C._cpu._get_cpu_capability()
+    return {name: bool(capabilities.get(name, False)) for name in CPU_UNITS}
+
+
+def cpu_units_label() -> str:
+    """The best of :data:`CPU_UNITS` this CPU has, e.g. ``"AVX512-BF16"``; ``"no AVX2"`` without any."""
+    units = cpu_units()
+    return next((label for name, label in CPU_UNITS.items() if units[name]), "no AVX2")
+
+
+def extension_bf16_attention() -> Optional[bool]:
+    """Whether the C++ extension's CPU attention runs bf16 on the matrix units (AMX or AVX512-BF16, through ATen's
+    brgemm) here, rather than on its fp32 core; None when the extension is not loaded."""
+    from . import _extension
+
+    if _extension.load_error() is not None:
+        return None
+    from . import _C
+
+    return bool(_C.bf16_matrix_attention())
 
 
 def _cpu_has_native(dtype: torch.dtype) -> bool:

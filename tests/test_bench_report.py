@@ -14,7 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is a pack
 
 from bench import matrix as bench_matrix  # noqa: E402
 from bench import report  # noqa: E402
-from bench.measure import environment, summarize, utc_now  # noqa: E402
+from bench import measure  # noqa: E402
+from bench.measure import device_name, device_slug, environment, summarize, utc_now  # noqa: E402
 
 
 def _encoder_rows(impl_samples, dtype="fp32", batch=2):
@@ -154,7 +155,8 @@ def test_write_results_writes_markdown_json_and_png(tmp_path):
     paths = report.write_results(results, tmp_path)
     assert paths["md"].name == results["meta"]["device_slug"] + ".md"
     loaded = json.loads(paths["json"].read_text())
-    for key in ("torch", "triton", "device_name", "cpu_model", "torch_threads", "git_commit", "started", "finished"):
+    for key in ("torch", "triton", "device_name", "cpu_model", "cpu_family_model", "cpu_units",
+                "extension_bf16_attention", "torch_threads", "git_commit", "started", "finished"):
         assert key in loaded["meta"]
     assert loaded["encoder"][0]["samples_s"] == [0.4, 0.5, 0.6]
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -191,3 +193,18 @@ def test_cuda_profile_idle_time_is_wall_less_kernels():
     columns = categorized_cuda_ms([("nvjet_gemm", 3000.0), ("_window_attention_kernel", 1000.0)], forwards=2,
                                   wall_ms=5.0)
     assert columns == {"GEMM (linear)": 1.5, "attention": 0.5, GPU_IDLE: 3.0}
+
+
+def test_cpu_results_name_the_cpu_and_its_units():
+    # Machines of one model name differ in their bf16 units (an AVX2-only and an AVX512-BF16 AMD EPYC): the file
+    # name and the header say which one measured.
+    from sam2_fast import precision
+
+    cpu = torch.device("cpu")
+    meta = environment(cpu)
+    label = precision.cpu_units_label()
+    assert label in device_name(cpu) and measure.slugify(label) in device_slug(cpu)
+    assert set(meta["cpu_units"]) == set(precision.CPU_UNITS)
+    assert meta["cpu_units"]["avx512_bf16"] == torch.cpu._is_avx512_bf16_supported()
+    header = measure.cpu_line(meta)
+    assert meta["cpu_model"] in header and str(meta["extension_bf16_attention"]) in header

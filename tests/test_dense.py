@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import sam2_fast
 from sam2_fast import dense, hiera, ops
+from sam2_fast.precision import CPU_NATIVE_LOW_PRECISION
 
 from helpers import assert_close_verbose, encoder_pair, flat_outputs
 
@@ -145,6 +146,62 @@ def test_low_precision_dense_layers_match_native(mode, kernel, stride, padding):
         assert actual.dtype == native.dtype == torch.bfloat16
         # both accumulate in fp32 and round once: at most one bf16 ulp (2^-7 relative) apart
         torch.testing.assert_close(actual.float(), native.float(), atol=1e-2, rtol=2**-7)
+
+
+NO_BF16_UNITS = "this CPU has no bf16 units (AVX512-BF16 or AMX): its bf16 GEMMs are emulated in fp32 instead"
+needs_bf16_units = pytest.mark.skipif(not CPU_NATIVE_LOW_PRECISION[torch.bfloat16], reason=NO_BF16_UNITS)
+
+
+@needs_bf16_units
+def test_bf16_inference_gemms_run_on_prepacked_weights(monkeypatch):
+    # bf16 weights or bf16 autocast, in CPU inference: every GEMM (linear, linear + GELU, 1x1 convolution) takes the
+    # prepacked weight; fp32 and anything that needs gradients keep F.linear.
+    packed = []
+    packed_linear = dense._packed_linear
+    monkeypatch.setattr(dense, "_packed_linear", lambda *args, **kwargs: packed.append(1) or packed_linear(*args, **kwargs))
+    x, weight, bias, _ = _operands()
+    image = torch.randn(1, 24, 6, 10).contiguous(memory_format=torch.channels_last)
+    conv_weight = torch.randn(40, 24, 1, 1)
+    with torch.no_grad():
+        dense.linear(x.bfloat16(), weight.bfloat16(), bias.bfloat16())
+        dense.linear_gelu(x.bfloat16(), weight.bfloat16(), bias.bfloat16())
+        dense.conv2d(image.bfloat16(), conv_weight.bfloat16(), None, 1, 0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            dense.linear(x, weight, bias)
+        assert len(packed) == 4
+        dense.linear(x, weight, bias)
+    dense.linear(x.bfloat16(), weight.bfloat16().requires_grad_(True), bias.bfloat16())
+    assert len(packed) == 4
+
+
+@needs_bf16_units
+def test_prepacked_weights_follow_in_place_updates_and_moves():
+    x, weight, bias, _ = (t.bfloat16() for t in _operands())
+    layer = sam2_fast.layers.Linear(24, 40).bfloat16()
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer.bias.copy_(bias)
+        first = layer(x)
+        layer.weight.mul_(2)  # in place: the packed copy must be rebuilt
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=0, rtol=0)
+        layer.float().bfloat16()  # new storage
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=0, rtol=0)
+    torch.testing.assert_close(first, F.linear(x, weight, bias), atol=0, rtol=0)
+
+
+@needs_bf16_units
+def test_bf16_gelu_post_op_rounds_once():
+    # The GELU runs on the GEMM's fp32 accumulator and its output is rounded to bf16 once: within a bf16 ulp (2^-8
+    # relative; half of it from the rounding, the rest where fp32 summation order crosses a rounding boundary) of the
+    # exact GELU, and no farther from it than the reference's sequence, which rounds the GEMM and then the GELU.
+    x, weight, bias, _ = (t.bfloat16() for t in _operands(rows=(257,), in_features=96, out_features=80))
+    with torch.no_grad():
+        out = dense.linear_gelu(x, weight, bias)
+        two_roundings = F.gelu(F.linear(x, weight, bias))
+    exact = F.gelu(F.linear(x.double(), weight.double(), bias.double()))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), exact, atol=1e-5, rtol=2**-8)
+    assert (out.double() - exact).abs().max() <= (two_roundings.double() - exact).abs().max()
 
 
 # The banded CPU path must give the whole-map result: bands of whole window rows, per image, the last band padded

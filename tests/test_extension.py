@@ -7,6 +7,7 @@ non-square maps whose last window is mostly padding, batches of 1 to 3, non-cont
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -20,6 +21,8 @@ from helpers import assert_close_verbose, assert_low_precision_attention_error, 
 
 if _extension.load_error() is not None:
     pytest.skip(_extension.load_error(), allow_module_level=True)
+
+from sam2_fast import _C  # noqa: E402  (only importable once the extension is built)
 
 EXT = torch.ops.sam2_fast_ext
 DEVICES = [pytest.param("cpu")] + [
@@ -48,6 +51,33 @@ def channels_last_map(batch: int, height: int, width: int, channels: int, device
 
 
 LAYOUTS = ("contiguous", "hw_transposed", "strided_channels")
+
+# bf16 attention runs on the CPU's bf16 matrix units (ATen's brgemm on AMX or AVX512-BF16) where it has them, else
+# on the fp32 core. Each path is tested wherever it can run; the fp32 core on every CPU.
+NO_MATRIX_UNITS = (
+    "this CPU has no bf16 matrix units that ATen's brgemm can drive (needs AVX512-BF16, which CPUs with AMX have "
+    "too): bf16 attention runs on the fp32 core here"
+)
+MATRIX_UNITS = pytest.param("matrix_units", marks=pytest.mark.skipif(not _C.bf16_matrix_units_usable(),
+                                                                    reason=NO_MATRIX_UNITS))
+# (dtype, attention path): every path each dtype can take.
+DTYPE_PATHS = [
+    pytest.param(torch.float32, "fp32_core", id="fp32"),
+    pytest.param(torch.bfloat16, "fp32_core", id="bf16-fp32_core"),
+    pytest.param(torch.bfloat16, "matrix_units", id="bf16-matrix_units", marks=MATRIX_UNITS.marks),
+    pytest.param(torch.float16, "fp32_core", id="fp16"),
+]
+LOW_PRECISION_PATHS = DTYPE_PATHS[1:]
+
+
+@contextlib.contextmanager
+def attention_path(path: str):
+    """Runs bf16 attention on ``path`` ("fp32_core" or "matrix_units") inside the block."""
+    _C.set_bf16_matrix_attention(path == "matrix_units")
+    try:
+        yield
+    finally:
+        _C.set_bf16_matrix_attention(True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -161,34 +191,36 @@ def test_window_attention_fp32(case, with_bias, layout):
     )
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("case", WINDOW_CASES[:2] + WINDOW_CASES[4:6], ids=str)
-def test_window_attention_low_precision(case, dtype):
+@pytest.mark.parametrize("dtype,path", LOW_PRECISION_PATHS)
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=str)
+def test_window_attention_low_precision(case, dtype, path):
     batch, height, width, num_heads, head_dim, window_size, q_pool = case
     qkv, bias = _attention_inputs(batch, height, width, num_heads, head_dim, "hw_transposed", True, dtype)
     reference = torch_ops.window_attention(qkv.float(), bias.float(), num_heads, window_size, q_pool)
-    ours = EXT.window_attention(qkv, bias, num_heads, window_size, q_pool)
+    with attention_path(path):
+        ours = EXT.window_attention(qkv, bias, num_heads, window_size, q_pool)
     assert ours.dtype == dtype
     emulated = emulated_low_precision_attention(torch_ops.window_attention, qkv, bias, num_heads, window_size, q_pool)
     assert_low_precision_attention_error(
-        f"window_attention {dtype} {case}", ours, emulated, reference, LOW_PRECISION_ERROR_FLOOR
+        f"window_attention {dtype} {path} {case}", ours, emulated, reference, LOW_PRECISION_ERROR_FLOOR
     )
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype,path", DTYPE_PATHS)
 @pytest.mark.parametrize("case", WINDOW_CASES, ids=str)
-def test_window_attention_adds_bias_as_it_reads(case, dtype):
+def test_window_attention_adds_bias_as_it_reads(case, dtype, path):
     # add_bias=True on the bare projection is the same computation as add_bias=False on `qkv + bias` in qkv's dtype,
     # bit for bit: the kernel rounds each sum to the dtype, and pooling q before the add equals pooling after it
     # (rounding is monotonic). Padding tokens read as the bias either way.
     batch, height, width, num_heads, head_dim, window_size, q_pool = case
     qkv, bias = _attention_inputs(batch, height, width, num_heads, head_dim, "hw_transposed", True, dtype)
     biased = qkv + bias
-    torch.testing.assert_close(
-        EXT.window_attention(qkv, bias, num_heads, window_size, q_pool, True),
-        EXT.window_attention(biased, bias, num_heads, window_size, q_pool, False),
-        atol=0, rtol=0,
-    )
+    with attention_path(path):
+        torch.testing.assert_close(
+            EXT.window_attention(qkv, bias, num_heads, window_size, q_pool, True),
+            EXT.window_attention(biased, bias, num_heads, window_size, q_pool, False),
+            atol=0, rtol=0,
+        )
     if dtype == torch.float32:
         assert_close_verbose(
             EXT.window_attention(qkv, bias, num_heads, window_size, q_pool, True),
@@ -222,17 +254,45 @@ def test_global_attention_fp32(case, layout):
     )
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("case", GLOBAL_CASES[1:5], ids=str)
-def test_global_attention_low_precision(case, dtype):
+# More keys than one block of the matrix-unit path's running softmax (512), an odd count of them, odd head_dim.
+LONG_GLOBAL_CASES = [(1, 23, 27, 2, 8, False), (2, 25, 41, 1, 5, True)]
+
+
+@pytest.mark.parametrize("dtype,path", LOW_PRECISION_PATHS)
+@pytest.mark.parametrize("layout", ["contiguous", "strided_channels"])
+@pytest.mark.parametrize("case", GLOBAL_CASES[1:5] + LONG_GLOBAL_CASES, ids=str)
+def test_global_attention_low_precision(case, layout, dtype, path):
     batch, height, width, num_heads, head_dim, q_pool = case
-    qkv, _ = _attention_inputs(batch, height, width, num_heads, head_dim, "contiguous", False, dtype)
+    qkv, _ = _attention_inputs(batch, height, width, num_heads, head_dim, layout, False, dtype)
     reference = torch_ops.global_attention(qkv.float(), num_heads, q_pool)
-    ours = EXT.global_attention(qkv, num_heads, q_pool)
+    with attention_path(path):
+        ours = EXT.global_attention(qkv, num_heads, q_pool)
     assert ours.dtype == dtype
     emulated = emulated_low_precision_attention(torch_ops.global_attention, qkv, num_heads, q_pool)
     assert_low_precision_attention_error(
-        f"global_attention {dtype} {case}", ours, emulated, reference, LOW_PRECISION_ERROR_FLOOR
+        f"global_attention {dtype} {path} {case}", ours, emulated, reference, LOW_PRECISION_ERROR_FLOOR
+    )
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # mkldnn.flags sets its TF32 flag too
+def test_bf16_attention_path_is_chosen_by_the_cpu():
+    # The matrix-unit path is the default exactly where it can run, which needs AVX512-BF16; it steps aside for the
+    # fp32 core when switched off or when ATen's oneDNN is disabled, and bf16 attention works either way.
+    assert _C.bf16_matrix_attention() == _C.bf16_matrix_units_usable()
+    assert not _C.bf16_matrix_units_usable() or torch.cpu._is_avx512_bf16_supported()
+    with attention_path("fp32_core"):
+        assert not _C.bf16_matrix_attention()
+    qkv, bias = _attention_inputs(1, 9, 10, 2, 6, "contiguous", True, torch.bfloat16)
+    expected = EXT.window_attention(qkv, bias, 2, 4, False)
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not _C.bf16_matrix_attention()
+        with attention_path("fp32_core"):
+            core = EXT.window_attention(qkv, bias, 2, 4, False)
+        assert torch.equal(EXT.window_attention(qkv, bias, 2, 4, False), core)
+    assert_low_precision_attention_error(
+        "window_attention bf16 default path", expected,
+        emulated_low_precision_attention(torch_ops.window_attention, qkv, bias, 2, 4, False),
+        torch_ops.window_attention(qkv.float(), bias.float(), 2, 4, False), LOW_PRECISION_ERROR_FLOOR,
     )
 
 
