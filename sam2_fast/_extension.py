@@ -50,7 +50,7 @@ def _register_fakes() -> None:
     torch.library.register_fake("sam2_fast_ext::attention_backward")(op_shapes.attention_backward_outputs)
     torch.library.register_fake("sam2_fast_ext::maxpool2x2")(op_shapes.maxpool2x2_output)
     torch.library.register_fake("sam2_fast_ext::maxpool2x2_backward")(
-        lambda grad_out, x: x.new_empty(x.shape, memory_format=torch.contiguous_format)
+        lambda grad_out, x: x.new_empty(x.shape)
     )
     torch.library.register_fake("sam2_fast_ext::fpn_upsample_add")(op_shapes.fpn_upsample_add_output)
     torch.library.register_fake("sam2_fast_ext::bias_gelu_")(op_shapes.check_bias_gelu)

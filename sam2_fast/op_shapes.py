@@ -26,7 +26,7 @@ def attention_backward_outputs(grad_out, qkv, qkv_bias, out, num_heads, window_s
         lambda: f"attention_backward: grad_out {tuple(grad_out.shape)} and out {tuple(out.shape)} differ in shape",
     )
     grad_bias = qkv.new_empty(0) if qkv_bias is None else qkv_bias.new_empty(qkv_bias.shape)
-    return qkv.new_empty(qkv.shape, memory_format=torch.contiguous_format), grad_bias
+    return qkv.new_empty(qkv.shape), grad_bias
 
 
 def queries_per_window(window_size: int, q_pool: bool) -> int:
