@@ -102,15 +102,15 @@ def use_backend(name: str) -> Iterator[None]:
 # What each backend can run. Filled once, outside any traced code: resolution below is then plain dict logic that
 # torch.compile can trace without a graph break.
 
-def _probe_triton() -> Tuple[Optional[str], Dict[str, Callable]]:
-    """(reason triton cannot run or None, {op name: launcher})."""
+def _probe_triton() -> Tuple[Optional[str], Dict[str, Callable], Dict[str, Callable]]:
+    """(reason triton cannot run or None, {op name: launcher}, {op name: launcher of its backward})."""
     if importlib.util.find_spec("triton") is None:
-        return "triton is not installed", {}
+        return "triton is not installed", {}, {}
     try:
-        from .kernels import KERNEL_LAUNCHERS
+        from .kernels import BACKWARD_LAUNCHERS, KERNEL_LAUNCHERS
     except Exception as error:  # a broken triton install must not break the package
-        return f"the Triton kernels failed to import ({type(error).__name__}: {error})", {}
-    return None, dict(KERNEL_LAUNCHERS)
+        return f"the Triton kernels failed to import ({type(error).__name__}: {error})", {}, {}
+    return None, dict(KERNEL_LAUNCHERS), dict(BACKWARD_LAUNCHERS)
 
 
 def _probe_extension() -> Tuple[Optional[str], Dict[str, Callable], Tuple[str, ...], Dict[str, Tuple[str, ...]]]:
@@ -131,7 +131,7 @@ def _triton_runs_on(device_type: str) -> bool:
     return device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-_TRITON_REASON, _TRITON_LAUNCHERS = _probe_triton()
+_TRITON_REASON, _TRITON_LAUNCHERS, _TRITON_BACKWARD_LAUNCHERS = _probe_triton()
 _EXTENSION_REASON, _EXTENSION_OPS, _EXTENSION_DEVICES, _EXTENSION_KERNEL_DEVICES = _probe_extension()
 
 
@@ -305,22 +305,48 @@ class _Backward(NamedTuple):
     saves_output: bool
 
 
-def _extension_window_attention_backward(grad_output, inputs, output):
-    qkv, qkv_bias, num_heads, window_size, q_pool, add_bias = inputs
-    grad_qkv, grad_bias = torch.ops.sam2_fast_ext.attention_backward(
-        grad_output, qkv, qkv_bias, output, num_heads, window_size, q_pool, add_bias
-    )
-    return grad_qkv, None if qkv_bias is None else grad_bias, None, None, None, None
+def _backward_kernel(backend: str, op: str, tensor: torch.Tensor) -> Callable:
+    """``op``'s backward kernel on ``backend``, with the C++ op's arguments and results: the extension's op; for
+    Triton, its ``triton_op`` on CUDA (so that a compiled backward holds the kernels) or the launcher itself."""
+    if backend == "extension":
+        return getattr(torch.ops.sam2_fast_ext, "attention_backward" if op.endswith("attention") else f"{op}_backward")
+    if tensor.device.type == "cuda" and op in _TRITON_OPS:
+        return _TRITON_OPS[op + "_backward"]
+    return _TRITON_BACKWARD_LAUNCHERS[op]
 
 
-def _extension_global_attention_backward(grad_output, inputs, output):
-    qkv, num_heads, q_pool = inputs
-    grad_qkv, _ = torch.ops.sam2_fast_ext.attention_backward(grad_output, qkv, None, output, num_heads, 0, q_pool, False)
-    return grad_qkv, None, None
+def _window_attention_backward(backend: str) -> Callable:
+    def backward(grad_output, inputs, output):
+        qkv, qkv_bias, num_heads, window_size, q_pool, add_bias = inputs
+        grad_qkv, grad_bias = _backward_kernel(backend, "window_attention", qkv)(
+            grad_output, qkv, qkv_bias, output, num_heads, window_size, q_pool, add_bias
+        )
+        return grad_qkv, None if qkv_bias is None else grad_bias, None, None, None, None
+
+    return backward
 
 
-def _extension_maxpool2x2_backward(grad_output, inputs, output):
-    return (torch.ops.sam2_fast_ext.maxpool2x2_backward(grad_output, inputs[0]),)
+def _global_attention_backward(backend: str) -> Callable:
+    def backward(grad_output, inputs, output):
+        qkv, num_heads, q_pool = inputs
+        grad_qkv, _ = _backward_kernel(backend, "global_attention", qkv)(
+            grad_output, qkv, None, output, num_heads, 0, q_pool, False
+        )
+        return grad_qkv, None, None
+
+    return backward
+
+
+def _maxpool2x2_backward(backend: str) -> Callable:
+    def backward(grad_output, inputs, output):
+        return (_backward_kernel(backend, "maxpool2x2", inputs[0])(grad_output, inputs[0]),)
+
+    return backward
+
+
+def _triton_fpn_upsample_add_backward(grad_output, inputs, output):
+    lateral, prev = inputs
+    return tuple(_backward_kernel("triton", "fpn_upsample_add", lateral)(grad_output, lateral, prev))
 
 
 def _fpn_upsample_add_backward(grad_output, inputs, output):
@@ -334,19 +360,29 @@ def _fpn_upsample_add_backward(grad_output, inputs, output):
 def _backward_table() -> Dict[Tuple[str, str, str], _Backward]:
     """{(op, backend, device type): its backward without recompute}, from what loaded."""
     table = {}
+    kernel_devices = {"extension": {}, "triton": {}}
+    if _EXTENSION_REASON is None:
+        kernel_devices["extension"] = {
+            op: _extension.kernel_device_types(kernel)
+            for op, kernel in (("window_attention", "attention_backward"), ("global_attention", "attention_backward"),
+                               ("maxpool2x2", "maxpool2x2_backward"))
+        }
+    if _TRITON_REASON is None:
+        triton_devices = tuple(device for device in ("cuda", "cpu") if _triton_runs_on(device))
+        kernel_devices["triton"] = {op: triton_devices for op in _TRITON_BACKWARD_LAUNCHERS}
+    makers = {"window_attention": _window_attention_backward, "global_attention": _global_attention_backward,
+              "maxpool2x2": _maxpool2x2_backward}
+    for backend, devices_by_op in kernel_devices.items():
+        for op, device_types in devices_by_op.items():
+            for device_type in device_types:
+                if op == "fpn_upsample_add":
+                    table[(op, backend, device_type)] = _Backward(_triton_fpn_upsample_add_backward, "kernel", False)
+                else:
+                    table[(op, backend, device_type)] = _Backward(makers[op](backend), "kernel", op != "maxpool2x2")
     for backend in ("extension", "triton"):
         for device_type in ("cpu", "cuda"):
-            table[("fpn_upsample_add", backend, device_type)] = _Backward(_fpn_upsample_add_backward, "formula", False)
-    if _EXTENSION_REASON is None:
-        for device_type in _extension.kernel_device_types("attention_backward"):
-            table[("window_attention", "extension", device_type)] = _Backward(
-                _extension_window_attention_backward, "kernel", True
-            )
-            table[("global_attention", "extension", device_type)] = _Backward(
-                _extension_global_attention_backward, "kernel", True
-            )
-        for device_type in _extension.kernel_device_types("maxpool2x2_backward"):
-            table[("maxpool2x2", "extension", device_type)] = _Backward(_extension_maxpool2x2_backward, "kernel", False)
+            table.setdefault(("fpn_upsample_add", backend, device_type),
+                             _Backward(_fpn_upsample_add_backward, "formula", False))
     return table
 
 
@@ -386,6 +422,10 @@ def _register_backward(register: Callable, op: str, backend_of: Callable[[tuple]
         device_type = args[0].device.type
         backend = backend_of(inputs)
         ctx.backward = _BACKWARDS.get((op, backend, device_type))
+        if backend == "triton" and device_type == "cpu" and not all(
+            _is_plain(t) for t in args if isinstance(t, torch.Tensor)
+        ):
+            ctx.backward = None  # interpreted Triton kernels cannot run on a traced graph's fake tensors
         if ctx.backward is None and backend != "torch" and (backend, op) not in _warned_recomputes:
             _warned_recomputes.add((backend, op))
             warnings.warn(
@@ -445,9 +485,9 @@ for _op, _custom_op in (
 
 
 def _define_triton_ops() -> Dict[str, Callable]:
-    """The ``torch.library.triton_op`` form of each Triton launcher, by op name (empty where triton cannot load or
-    runs interpreted). Their arguments are the torch implementations'; they compute what the launchers do, and
-    tracing them records the kernel launches themselves (see kernels.launch)."""
+    """The ``torch.library.triton_op`` form of each Triton launcher, by op name, and of each backward launcher, by
+    ``<op>_backward`` (empty where triton cannot load or runs interpreted). Their arguments are the launchers'; they
+    compute what the launchers do, and tracing them records the kernel launches themselves (see kernels.launch)."""
     if _TRITON_REASON is not None or os.environ.get("TRITON_INTERPRET") == "1":
         return {}
     from torch.library import triton_op
@@ -473,13 +513,37 @@ def _define_triton_ops() -> Dict[str, Callable]:
     def fpn_upsample_add(lateral: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         return launchers["fpn_upsample_add"](lateral, prev)
 
-    ops = {
+    backward_launchers = _TRITON_BACKWARD_LAUNCHERS
+
+    @triton_op("sam2_fast::triton_attention_backward", mutates_args=())
+    def attention_backward(
+        grad_out: torch.Tensor, qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], out: torch.Tensor,
+        num_heads: int, window_size: int, q_pool: bool, add_bias: bool,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        return backward_launchers["window_attention"](
+            grad_out, qkv, qkv_bias, out, num_heads, window_size, q_pool, add_bias
+        )
+
+    @triton_op("sam2_fast::triton_maxpool2x2_backward", mutates_args=())
+    def maxpool2x2_backward(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return backward_launchers["maxpool2x2"](grad_out, x)
+
+    @triton_op("sam2_fast::triton_fpn_upsample_add_backward", mutates_args=())
+    def fpn_upsample_add_backward(
+        grad: torch.Tensor, lateral: torch.Tensor, prev: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        return backward_launchers["fpn_upsample_add"](grad, lateral, prev)
+
+    forward_ops = {
         "window_attention": window_attention, "global_attention": global_attention, "maxpool2x2": maxpool2x2,
         "fpn_upsample_add": fpn_upsample_add,
     }
-    for name, op in ops.items():
+    for name, op in forward_ops.items():
         _register_backward(op.register_autograd, name, lambda inputs: "triton")
-    return ops
+    return {
+        **forward_ops, "window_attention_backward": attention_backward, "global_attention_backward": attention_backward,
+        "maxpool2x2_backward": maxpool2x2_backward, "fpn_upsample_add_backward": fpn_upsample_add_backward,
+    }
 
 
 _TRITON_OPS = _define_triton_ops()

@@ -65,19 +65,20 @@ def _ours(name: str, **trunk_overrides) -> torch.nn.Module:
     return model.train()
 
 
-def gradients(model: torch.nn.Module, name: str, dtype=torch.float32, autocast_dtype=None):
-    """(outputs, {"input": d loss / d image, parameter name: its gradient}) of one training step's backward, with
-    loss = sum over the feature outputs of (output * fixed weight), summed in float64."""
-    image = _image(dtype).requires_grad_(True)
+def gradients(model: torch.nn.Module, name: str, dtype=torch.float32, autocast_dtype=None, device="cpu"):
+    """(outputs, {"input": d loss / d image, parameter name: its gradient}) of one training step's backward on
+    ``device`` (results on CPU), with loss = sum over the feature outputs of (output * fixed weight), in float64."""
+    model = model.to(device)
+    image = _image(dtype).to(device).requires_grad_(True)
     model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+    with torch.autocast(image.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
         out = model(image)
     outputs = _feature_outputs(out)
-    loss = sum((t.double() * w).sum() for t, w in zip(outputs, _output_weights(name)))
+    loss = sum((t.double() * w.to(t.device)).sum() for t, w in zip(outputs, _output_weights(name)))
     loss.backward()
     grads = {"input": image.grad}
     grads.update({n: p.grad for n, p in model.named_parameters()})
-    return [t.detach() for t in outputs], grads
+    return [t.detach().cpu() for t in outputs], {n: None if g is None else g.cpu() for n, g in grads.items()}
 
 
 @functools.lru_cache(maxsize=None)
@@ -87,8 +88,8 @@ def _truth(name: str):
 
 
 @functools.lru_cache(maxsize=None)
-def _reference_gradients(name: str, autocast_dtype=None):
-    return gradients(_reference(name, torch.float32), name, autocast_dtype=autocast_dtype)[1]
+def _reference_gradients(name: str, autocast_dtype=None, device="cpu"):
+    return gradients(_reference(name, torch.float32), name, autocast_dtype=autocast_dtype, device=device)[1]
 
 
 def relative_error(actual: torch.Tensor, truth: torch.Tensor) -> float:
@@ -129,6 +130,17 @@ def test_bf16_autocast_gradients_match_float64_reference(name, backend):
     check_gradients(
         ours, _reference_gradients(name, torch.bfloat16), _truth(name), BF16_ERROR_RATIO, BF16_ERROR_FLOOR
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_gpu_gradients_match_float64_reference(name, autocast_dtype):
+    # auto: the Triton kernels and their backward kernels (torch's flash SDPA for global attention).
+    _, ours = gradients(_ours(name), name, autocast_dtype=autocast_dtype, device="cuda")
+    ratio, floor = (FP32_ERROR_RATIO, FP32_ERROR_FLOOR) if autocast_dtype is None else (BF16_ERROR_RATIO,
+                                                                                        BF16_ERROR_FLOOR)
+    check_gradients(ours, _reference_gradients(name, autocast_dtype, "cuda"), _truth(name), ratio, floor)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
