@@ -267,17 +267,16 @@ def _attention_backward_dkdv_kernel(
 
 
 def backward_blocks(window_size: int, q_pool: bool, head_dim: int, dtype: torch.dtype) -> LaunchConfig:
-    """Tiles of the backward kernels (window_size 0: global attention). Query and key blocks of 16 to 64 (32 in
-    fp32, whose tiles are twice the bytes), covering a small window's queries or keys in one block; a backward
-    program holds q, k, v, dO and two fp32 accumulators, so 16-bit head dims over 64 take 8 warps."""
+    """Tiles of the backward kernels (window_size 0: global attention): blocks of 64 queries and 64 keys (32 in fp32,
+    whose tiles are twice the bytes), or 16 where a window has no more (window 4, pooled window 8). A backward
+    program holds q, k, v, dO and two fp32 accumulators, so 16-bit head dims over 64 take 8 warps, and fp32 ones
+    load without pipelining (two stages of fp32 128-wide tiles need more shared memory than an A100 has)."""
     cap = 32 if dtype == torch.float32 else 64
     block_d = padded_head_dim(head_dim)
-    if window_size:
-        block_m = min(cap, max(16, triton.next_power_of_2(queries_per_window(window_size, q_pool))))
-        block_n = min(cap, max(16, triton.next_power_of_2(window_size**2)))
-    else:
-        block_m = block_n = cap
-    return LaunchConfig(block_m, block_n, block_d, 8 if block_d > 64 and cap == 64 else 4, 2)
+    queries, keys = (queries_per_window(window_size, q_pool), window_size**2) if window_size else (cap, cap)
+    block_m, block_n = (16 if count <= 16 else cap for count in (queries, keys))
+    num_warps = 8 if block_d > 64 and cap == 64 else 4
+    return LaunchConfig(block_m, block_n, block_d, num_warps, 1 if dtype == torch.float32 and block_d > 64 else 2)
 
 
 def attention_backward(

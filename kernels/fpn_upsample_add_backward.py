@@ -1,5 +1,5 @@
-"""The backward of the FPN top-down fusion ``lateral + nearest_upsample_2x(prev.float())``: lateral's gradient is the
-output's (cast), prev's the sum of each 2x2 block of it, in one pass over the output's gradient."""
+"""The backward of the FPN top-down fusion ``lateral + nearest_upsample_2x(prev.float())`` with respect to prev: the
+sum of each 2x2 block of the output's gradient, in one pass over it (lateral's gradient is the output's, cast)."""
 
 from __future__ import annotations
 
@@ -40,15 +40,13 @@ def _fpn_upsample_add_backward_kernel(
     tl.store(grad_prev_ptr + out_offsets, total.to(grad_prev_ptr.dtype.element_ty), mask=mask)
 
 
-def fpn_upsample_add_backward(
-    grad: torch.Tensor, lateral: torch.Tensor, prev: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(grad_lateral, grad_prev) of ``fpn_upsample_add(lateral, prev)`` given the gradient of its (B, C, 2h, 2w)
-    output: the gradient cast to lateral's dtype, and its 2x2 block sums as a contiguous map of prev's dtype."""
+def fpn_upsample_add_backward(grad: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    """prev's gradient in ``fpn_upsample_add(lateral, prev)`` given that of its (B, C, 2h, 2w) output: the 2x2 block
+    sums of it, a contiguous map of prev's dtype (lateral's gradient is the output's, cast to lateral's dtype)."""
     batch, channels, prev_height, prev_width = prev.shape
-    if grad.shape != lateral.shape or grad.shape != (batch, channels, 2 * prev_height, 2 * prev_width):
-        raise ValueError(f"expected grad and lateral of shape {(batch, channels, 2 * prev_height, 2 * prev_width)}, "
-                         f"got {tuple(grad.shape)} and {tuple(lateral.shape)}")
+    if grad.shape != (batch, channels, 2 * prev_height, 2 * prev_width):
+        raise ValueError(f"expected grad of shape {(batch, channels, 2 * prev_height, 2 * prev_width)}, "
+                         f"got {tuple(grad.shape)}")
     if prev.dtype not in _DTYPES:
         raise TypeError(f"expected prev of dtype float32, bfloat16 or float16, got {prev.dtype}")
     _check_device(grad, "grad")
@@ -59,7 +57,7 @@ def fpn_upsample_add_backward(
             grad, grad_prev, channels, prev_height, prev_width, *grad.stride(),
             BLOCK_C=_BLOCK_C, BLOCK_X=_BLOCK_X, num_warps=_NUM_WARPS,
         )
-    return grad.to(lateral.dtype), grad_prev
+    return grad_prev
 
 
 def aot_variants() -> Iterator[Tuple[str, object, dict, dict, dict]]:

@@ -346,7 +346,7 @@ def _maxpool2x2_backward(backend: str) -> Callable:
 
 def _triton_fpn_upsample_add_backward(grad_output, inputs, output):
     lateral, prev = inputs
-    return tuple(_backward_kernel("triton", "fpn_upsample_add", lateral)(grad_output, lateral, prev))
+    return grad_output.to(lateral.dtype), _backward_kernel("triton", "fpn_upsample_add", prev)(grad_output, prev)
 
 
 def _fpn_upsample_add_backward(grad_output, inputs, output):
@@ -529,10 +529,8 @@ def _define_triton_ops() -> Dict[str, Callable]:
         return backward_launchers["maxpool2x2"](grad_out, x)
 
     @triton_op("sam2_fast::triton_fpn_upsample_add_backward", mutates_args=())
-    def fpn_upsample_add_backward(
-        grad: torch.Tensor, lateral: torch.Tensor, prev: torch.Tensor
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        return backward_launchers["fpn_upsample_add"](grad, lateral, prev)
+    def fpn_upsample_add_backward(grad: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        return backward_launchers["fpn_upsample_add"](grad, prev)
 
     forward_ops = {
         "window_attention": window_attention, "global_attention": global_attention, "maxpool2x2": maxpool2x2,

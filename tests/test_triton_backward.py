@@ -126,11 +126,27 @@ def test_fpn_upsample_add_backward_kernel(prev_dtype):
     lateral = torch.randn(2, 5, 6, 8, generator=generator).to(dtype=torch.bfloat16, device=DEVICE)
     prev = torch.randn(2, 5, 3, 4, generator=generator).to(dtype=prev_dtype, device=DEVICE)
     grad = torch.randn(2, 5, 6, 8, generator=generator).to(DEVICE).contiguous(memory_format=torch.channels_last)
-    grad_lateral, grad_prev = fpn_upsample_add_backward(grad, lateral, prev)
+    grad_prev = fpn_upsample_add_backward(grad, prev)
     leaves = [lateral.detach().requires_grad_(True), prev.detach().requires_grad_(True)]
     expected = torch.autograd.grad(torch_ops.fpn_upsample_add(*leaves), leaves, grad)
-    assert_close_verbose(grad_lateral, expected[0], name="grad lateral")
     # Four fp32 values summed in another order than autograd's, then rounded (truncated under the interpreter) to
     # prev's dtype: one unit of it.
     unit = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}[prev_dtype]
     assert_close_verbose(grad_prev.float(), expected[1].float(), atol=1e-6, rtol=unit, name="grad prev")
+
+
+def test_op_layer_takes_the_triton_pool_and_fpn_backward():
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 5, 7, 3, generator=generator).to(DEVICE).requires_grad_(True)
+    lateral = torch.randn(1, 4, 6, 8, generator=generator).to(DEVICE).requires_grad_(True)
+    prev = torch.randn(1, 4, 3, 4, generator=generator).to(DEVICE).requires_grad_(True)
+    with sam2_fast.use_backend("triton"):
+        status = sam2_fast.active_backward(DEVICE)
+        assert status["maxpool2x2"] == status["fpn_upsample_add"] == "triton kernel"
+        pooled, fused = ops.maxpool2x2(x), ops.fpn_upsample_add(lateral, prev)
+        actual = torch.autograd.grad((pooled * pooled).sum() + (fused * fused).sum(), (x, lateral, prev))
+    expected = torch.autograd.grad(
+        (torch_ops.maxpool2x2(x) ** 2).sum() + (torch_ops.fpn_upsample_add(lateral, prev) ** 2).sum(), (x, lateral, prev)
+    )
+    for name, a, e in zip(("x", "lateral", "prev"), actual, expected):
+        assert_close_verbose(a, e, atol=1e-5, rtol=1e-5, name=f"grad {name}")
