@@ -422,16 +422,16 @@ def _register_backward(register: Callable, op: str, backend_of: Callable[[tuple]
         device_type = args[0].device.type
         backend = backend_of(inputs)
         ctx.backward = _BACKWARDS.get((op, backend, device_type))
-        if backend == "triton" and device_type == "cpu" and not all(
-            _is_plain(t) for t in args if isinstance(t, torch.Tensor)
-        ):
-            ctx.backward = None  # interpreted Triton kernels cannot run on a traced graph's fake tensors
         if ctx.backward is None and backend != "torch" and (backend, op) not in _warned_recomputes:
             _warned_recomputes.add((backend, op))
             warnings.warn(
                 f"sam2_fast: the {backend} backend has no backward for {op} on {device_type}; its gradient recomputes "
                 "the torch implementation (correct, slower; see sam2_fast.active_backward())", stacklevel=2,
             )
+        if backend == "triton" and device_type == "cpu" and not all(
+            _is_plain(t) for t in args if isinstance(t, torch.Tensor)
+        ):
+            ctx.backward = None  # interpreted Triton kernels cannot run on a traced graph's fake tensors: recompute
         ctx.arguments = tuple(None if i in positions else value for i, value in enumerate(args))
         ctx.num_extra_inputs = len(inputs) - len(arg_names)
         saves_output = ctx.backward is not None and ctx.backward.saves_output

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
 import sam2_fast
@@ -215,13 +216,14 @@ def test_compiled_training_step_traces_the_backward_kernels(backend):
 
     def record_backward(graph_module, example_inputs):
         backward_targets.update(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
-        return graph_module.forward
+        return make_boxed_func(graph_module.forward)
 
     torch._dynamo.reset()
     with sam2_fast.use_backend(backend):
         expected = step(encoder)
         compiled = torch.compile(
-            encoder, fullgraph=True, backend=aot_autograd(fw_compiler=lambda gm, _: gm.forward, bw_compiler=record_backward)
+            encoder, fullgraph=True,
+            backend=aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward), bw_compiler=record_backward),
         )
         actual = step(compiled)
     for name, e in expected.items():
