@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 // Compiles a function twice, for AVX2 + FMA (x86-64-v3) and for the baseline ISA, picked when the library loads:
@@ -17,12 +18,19 @@
 
 namespace sam2_fast {
 
-// One step of torch's max-pool scan: take `candidate` if it is larger or NaN, else keep `current` (so ties keep the
-// earlier value and a NaN anywhere propagates).
+// Whether torch's max-pool scan, holding `current`, moves to `candidate`: if it is larger or NaN (so ties keep the
+// earlier value and a NaN anywhere propagates). Its backward routes the gradient to where the scan stopped.
+template <typename T>
+inline bool pool_takes(T current, T candidate) {
+  using compare_t = std::conditional_t<std::is_same_v<T, double>, double, float>;  // exact for every float type
+  const compare_t value = static_cast<compare_t>(candidate);
+  return value > static_cast<compare_t>(current) || value != value;
+}
+
+// One step of torch's max-pool scan.
 template <typename T>
 inline T pool_max(T current, T candidate) {
-  const float value = static_cast<float>(candidate);
-  return (value > static_cast<float>(current) || value != value) ? candidate : current;
+  return pool_takes(current, candidate) ? candidate : current;
 }
 
 // Max of a 2x2 window in torch's scan order: top-left, top-right, bottom-left, bottom-right.

@@ -34,7 +34,12 @@ TORCH_LIBRARY(sam2_fast_ext, m) {
       "window_attention(Tensor qkv, Tensor? qkv_bias, int num_heads, int window_size, bool q_pool, "
       "bool add_bias=False) -> Tensor");
   m.def("global_attention(Tensor qkv, int num_heads, bool q_pool) -> Tensor");
+  // The gradients of window_attention (and of global_attention with window_size 0): (grad_qkv, grad_qkv_bias).
+  m.def(
+      "attention_backward(Tensor grad_out, Tensor qkv, Tensor? qkv_bias, Tensor out, int num_heads, "
+      "int window_size, bool q_pool, bool add_bias) -> (Tensor, Tensor)");
   m.def("maxpool2x2(Tensor x) -> Tensor");
+  m.def("maxpool2x2_backward(Tensor grad_out, Tensor x) -> Tensor");
   m.def("fpn_upsample_add(Tensor lateral, Tensor prev) -> Tensor");
   m.def("bias_gelu_(Tensor(a!) x, Tensor? bias) -> ()");
   m.def(

@@ -14,9 +14,11 @@ from .checkpoint import CheckpointError, load_checkpoint
 from .configs import CONFIGS, DEFAULT_CONFIG, EncoderConfig, get_config
 from .drop_in import OptimizedImageEncoder, optimize
 from .export import ExportedEncoder, export_encoder, load_exported
-from .hiera import Hiera, MultiScaleAttention, MultiScaleBlock
+from .hiera import Hiera, MultiScaleAttention, MultiScaleBlock, set_activation_checkpointing
 from .image_encoder import FpnNeck, ImageEncoder
-from .ops import BackendUnavailableError, active_backends, backend_status, get_backend, set_backend, use_backend
+from .ops import (
+    BackendUnavailableError, active_backends, active_backward, backend_status, get_backend, set_backend, use_backend,
+)
 from .position_encoding import PositionEmbeddingSine
 
 __version__ = "0.1.0"
@@ -30,6 +32,7 @@ __all__ = [
     "ImageEncoder", "Hiera", "MultiScaleBlock", "MultiScaleAttention", "FpnNeck", "PositionEmbeddingSine",
     "build_image_encoder", "load_checkpoint", "CheckpointError", "CONFIGS", "DEFAULT_CONFIG", "EncoderConfig",
     "get_config", "set_backend", "get_backend", "use_backend", "backend_status", "active_backends",
+    "active_backward",
     "BackendUnavailableError", "capture_cuda_graphs", "CudaGraphImageEncoder", "export_encoder", "load_exported",
-    "ExportedEncoder", "optimize", "OptimizedImageEncoder",
+    "ExportedEncoder", "optimize", "OptimizedImageEncoder", "set_activation_checkpointing",
 ]

@@ -47,7 +47,11 @@ def _register_fakes() -> None:
     torch.library.register_fake("sam2_fast_ext::global_attention")(
         lambda qkv, num_heads, q_pool: op_shapes.attention_output(qkv, num_heads, q_pool)
     )
+    torch.library.register_fake("sam2_fast_ext::attention_backward")(op_shapes.attention_backward_outputs)
     torch.library.register_fake("sam2_fast_ext::maxpool2x2")(op_shapes.maxpool2x2_output)
+    torch.library.register_fake("sam2_fast_ext::maxpool2x2_backward")(
+        lambda grad_out, x: x.new_empty(x.shape)
+    )
     torch.library.register_fake("sam2_fast_ext::fpn_upsample_add")(op_shapes.fpn_upsample_add_output)
     torch.library.register_fake("sam2_fast_ext::bias_gelu_")(op_shapes.check_bias_gelu)
     torch.library.register_fake("sam2_fast_ext::sine_position_encoding")(

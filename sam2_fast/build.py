@@ -18,14 +18,17 @@ def build_image_encoder(
     checkpoint: Optional[str] = None,
     device: Optional[Union[str, torch.device]] = None,
     dtype: Optional[torch.dtype] = None,
+    **trunk_overrides,
 ) -> ImageEncoder:
     """An :class:`ImageEncoder` for config ``name`` (e.g. ``"sam2.1_hiera_base_plus"``), in eval mode.
 
     With ``checkpoint``, loads SAM-2 weights from that file (see :func:`sam2_fast.load_checkpoint`); without,
     the weights are randomly initialised. ``device`` and ``dtype`` move the encoder after loading.
+    ``trunk_overrides`` replace :class:`Hiera` arguments of the config, e.g. ``drop_path_rate=0.1`` or
+    ``activation_checkpointing=True`` for fine-tuning.
     """
     config = get_config(name)
-    trunk = Hiera(**config.trunk_kwargs())
+    trunk = Hiera(**{**config.trunk_kwargs(), **trunk_overrides})
     position_encoding = PositionEmbeddingSine(**config.position_encoding_kwargs(), warmup_cache=False)
     neck = FpnNeck(position_encoding, **config.neck_kwargs())
     encoder = ImageEncoder(trunk, neck, scalp=config.scalp)

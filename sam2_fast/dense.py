@@ -135,8 +135,11 @@ def _folds_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tenso
 def linear_add(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor
 ) -> torch.Tensor:
-    """``residual + linear(x)`` as one GEMM accumulating into ``residual + bias`` (fp32); ``residual`` is not changed."""
-    if not _folds_residual(x, weight, residual):
+    """``residual + linear(x)`` as one GEMM accumulating into ``residual + bias`` (fp32); ``residual`` is not changed.
+
+    Where autograd records it, the plain sum: the GEMM accumulating in place into a view would cost the backward a
+    clone and a copy of the map (CopySlices)."""
+    if _needs_grad(x, weight, bias, residual) or not _folds_residual(x, weight, residual):
         return residual + linear(x, weight, bias)
     if bias is None:
         out = residual.clone(memory_format=torch.contiguous_format)

@@ -13,6 +13,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from . import dense, ops
 from .layers import Conv2d, Linear
@@ -160,6 +161,7 @@ class MultiScaleBlock(nn.Module):
         q_stride: Optional[Tuple[int, int]] = None,
         act_layer: type = nn.GELU,
         window_size: int = 0,
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
         _check_q_stride(q_stride)
@@ -178,11 +180,24 @@ class MultiScaleBlock(nn.Module):
         self.mlp = MLP(dim_out, int(dim_out * mlp_ratio), dim_out, num_layers=2, activation=act_layer)
         if dim != dim_out:
             self.proj = Linear(dim, dim_out)
+        # Not a module argument of the reference: a training option (see set_activation_checkpointing).
+        self.activation_checkpointing = activation_checkpointing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._records_gradients(x):
+            # Autograd needs the whole map's activations: the bands would each keep their own graph and the backward
+            # would scatter every band's gradient into a full-size zero map.
+            if self.activation_checkpointing:
+                # Keeps only x; the backward reruns the block, with the same stochastic-depth masks (the RNG state
+                # is saved and restored).
+                return checkpoint(self._forward_map, x, use_reentrant=False)
+            return self._forward_map(x)
         if x.device.type != "cpu" or torch.compiler.is_compiling() or self._stochastic_depth():
             return self._forward_map(x)
         return self._forward_in_bands(x)
+
+    def _records_gradients(self, x: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
 
     def _stochastic_depth(self) -> bool:
         return self.training and not isinstance(self.drop_path, nn.Identity)
@@ -237,7 +252,11 @@ class MultiScaleBlock(nn.Module):
 
 
 class Hiera(nn.Module):
-    """SAM-2's Hiera trunk; returns the output of each stage (finest first) as (B, C, h, w) views."""
+    """SAM-2's Hiera trunk; returns the output of each stage (finest first) as (B, C, h, w) views.
+
+    Takes the reference's arguments, plus ``activation_checkpointing`` (default off): recompute each block in the
+    backward instead of keeping its activations (see :func:`set_activation_checkpointing`).
+    """
 
     def __init__(
         self,
@@ -254,6 +273,7 @@ class Hiera(nn.Module):
         global_att_blocks: Tuple[int, ...] = (12, 16, 20),
         weights_path: Optional[str] = None,
         return_interm_layers: bool = True,
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
         if len(stages) != len(window_spec):
@@ -294,6 +314,7 @@ class Hiera(nn.Module):
                     drop_path=drop_path_rates[i],
                     q_stride=self.q_stride if i in self.q_pool_blocks else None,
                     window_size=window_size,
+                    activation_checkpointing=activation_checkpointing,
                 )
             )
             embed_dim = dim_out
@@ -380,8 +401,10 @@ class Hiera(nn.Module):
         x = self.patch_embed(x)
         pos_embed = self._get_pos_embed(x.shape[1:3])
         # In place on the patch embedding's fresh output (its convolution's backward does not need it), unless the
-        # sum promotes (a bf16 embedding under autocast plus the fp32 table is fp32, as in the reference).
-        x = x.add_(pos_embed) if x.dtype == pos_embed.dtype else x + pos_embed
+        # sum promotes (a bf16 embedding under autocast plus the fp32 table is fp32, as in the reference) or autograd
+        # records it (an in-place add on that permuted view would cost the backward a copy of the map).
+        in_place = x.dtype == pos_embed.dtype and not (torch.is_grad_enabled() and x.requires_grad)
+        x = x.add_(pos_embed) if in_place else x + pos_embed
         outputs = []
         for i, block in enumerate(self.blocks):
             x = block(x)
@@ -401,3 +424,20 @@ class Hiera(nn.Module):
 
     def get_num_layers(self) -> int:
         return len(self.blocks)
+
+
+def set_activation_checkpointing(module: nn.Module, enabled: bool = True) -> nn.Module:
+    """Switch activation checkpointing on (or off) for every Hiera block in ``module`` (an encoder, a trunk, or a
+    model holding one), returning ``module``.
+
+    While gradients are recorded, a checkpointed block keeps only its input and recomputes its activations in the
+    backward: fine-tuning at 1024x1024 then holds about one block's activations at a time instead of every block's,
+    for one extra forward of the trunk. Outputs, gradients and stochastic-depth masks are unchanged; inference (no
+    gradient recorded) is not affected.
+    """
+    blocks = [block for block in module.modules() if isinstance(block, MultiScaleBlock)]
+    if not blocks:
+        raise ValueError(f"set_activation_checkpointing: {type(module).__name__} holds no sam2_fast Hiera block")
+    for block in blocks:
+        block.activation_checkpointing = enabled
+    return module

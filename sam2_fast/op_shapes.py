@@ -19,6 +19,16 @@ def attention_output(qkv: torch.Tensor, num_heads: int, q_pool: bool) -> torch.T
     return qkv.new_empty(batch, height, width, channels3 // 3)
 
 
+def attention_backward_outputs(grad_out, qkv, qkv_bias, out, num_heads, window_size, q_pool, add_bias):
+    """The (grad_qkv, grad_qkv_bias) of an attention backward: qkv's shape, and qkv_bias's ((0,) without one)."""
+    torch._check(
+        grad_out.shape == out.shape,
+        lambda: f"attention_backward: grad_out {tuple(grad_out.shape)} and out {tuple(out.shape)} differ in shape",
+    )
+    grad_bias = qkv.new_empty(0) if qkv_bias is None else qkv_bias.new_empty(qkv_bias.shape)
+    return qkv.new_empty(qkv.shape), grad_bias
+
+
 def queries_per_window(window_size: int, q_pool: bool) -> int:
     """The query tokens of one window: all of its window_size**2 tokens, or a quarter with 2x2 q-pooling."""
     return (window_size // 2) ** 2 if q_pool else window_size**2

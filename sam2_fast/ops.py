@@ -18,8 +18,11 @@ How the fast backends reach a graph (``torch.compile``, ``torch.export``, AOTInd
 - ``triton`` under the Triton interpreter (CPU tensors, for testing): ``torch.library`` custom ops in the
   ``sam2_fast`` namespace, opaque to the compiler (an interpreted kernel cannot run on the compiler's fake tensors).
 
-Every autograd formula recomputes the op's torch implementation and differentiates that, so gradients flow through
-every backend. Eager inference with no gradient to record calls the kernels directly.
+Gradients flow through every backend. Where a backend has a backward kernel for an op (the extension's CPU attention
+and max-pool backward; the FPN fusion's exact formula on every backend), its autograd formula runs it; elsewhere the
+formula recomputes the op's torch implementation and differentiates that (correct but slower, with a one-time
+warning). :func:`active_backward` says which each op takes. Eager inference with no gradient to record calls the
+kernels directly.
 
 Choosing: ``SAM2_FAST_BACKEND=auto|torch|triton|extension`` (read at import), :func:`set_backend` or the
 :func:`use_backend` context manager. ``auto`` takes, per op and device, the first available of
@@ -37,7 +40,7 @@ import functools
 import importlib
 import os
 import warnings
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterator, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -99,15 +102,15 @@ def use_backend(name: str) -> Iterator[None]:
 # What each backend can run. Filled once, outside any traced code: resolution below is then plain dict logic that
 # torch.compile can trace without a graph break.
 
-def _probe_triton() -> Tuple[Optional[str], Dict[str, Callable]]:
-    """(reason triton cannot run or None, {op name: launcher})."""
+def _probe_triton() -> Tuple[Optional[str], Dict[str, Callable], Dict[str, Callable]]:
+    """(reason triton cannot run or None, {op name: launcher}, {op name: launcher of its backward})."""
     if importlib.util.find_spec("triton") is None:
-        return "triton is not installed", {}
+        return "triton is not installed", {}, {}
     try:
-        from .kernels import KERNEL_LAUNCHERS
+        from .kernels import BACKWARD_LAUNCHERS, KERNEL_LAUNCHERS
     except Exception as error:  # a broken triton install must not break the package
-        return f"the Triton kernels failed to import ({type(error).__name__}: {error})", {}
-    return None, dict(KERNEL_LAUNCHERS)
+        return f"the Triton kernels failed to import ({type(error).__name__}: {error})", {}, {}
+    return None, dict(KERNEL_LAUNCHERS), dict(BACKWARD_LAUNCHERS)
 
 
 def _probe_extension() -> Tuple[Optional[str], Dict[str, Callable], Tuple[str, ...], Dict[str, Tuple[str, ...]]]:
@@ -128,7 +131,7 @@ def _triton_runs_on(device_type: str) -> bool:
     return device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-_TRITON_REASON, _TRITON_LAUNCHERS = _probe_triton()
+_TRITON_REASON, _TRITON_LAUNCHERS, _TRITON_BACKWARD_LAUNCHERS = _probe_triton()
 _EXTENSION_REASON, _EXTENSION_OPS, _EXTENSION_DEVICES, _EXTENSION_KERNEL_DEVICES = _probe_extension()
 
 
@@ -275,8 +278,9 @@ def _(lateral, prev, backend):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Gradients: every fast op is differentiated by recomputing its torch implementation. A fused backward kernel can
-# replace this per op later without touching the model.
+# Gradients. Per op, backend and device: a backward kernel where the backend has one, else the recompute fallback
+# (the op's torch implementation rerun from the saved inputs and differentiated: correct, but it pays the forward
+# again and the torch implementation's copies). ``active_backward`` shows which one each op takes.
 
 # Per differentiable op: its torch implementation, the names of its arguments (as the fast ops take them, without
 # the custom ops' trailing ``backend``) and which of them are tensors that can need a gradient.
@@ -291,49 +295,199 @@ _DIFFERENTIABLE = {
 }
 
 
-def _register_recompute_backward(register: Callable, op: str) -> None:
-    """``register(backward, setup_context=...)`` with a backward that recomputes ``op``'s torch implementation from
-    the saved inputs and differentiates it (extra trailing inputs, such as ``backend``, get no gradient)."""
+class _Backward(NamedTuple):
+    """A backward without recompute: ``fn(grad_output, inputs, output)`` -> one gradient (or None) per input of
+    the op (without ``backend``); ``kind`` is "kernel" (a fused backward kernel) or "formula" (the exact gradient
+    in a few torch ops); ``saves_output``: whether ``fn`` needs the forward's output."""
+
+    fn: Callable
+    kind: str
+    saves_output: bool
+
+
+def _backward_kernel(backend: str, op: str, tensor: torch.Tensor) -> Callable:
+    """``op``'s backward kernel on ``backend``, with the C++ op's arguments and results: the extension's op; for
+    Triton, its ``triton_op`` on CUDA (so that a compiled backward holds the kernels) or the launcher itself."""
+    if backend == "extension":
+        return getattr(torch.ops.sam2_fast_ext, "attention_backward" if op.endswith("attention") else f"{op}_backward")
+    if tensor.device.type == "cuda" and op in _TRITON_OPS:
+        return _TRITON_OPS[op + "_backward"]
+    return _TRITON_BACKWARD_LAUNCHERS[op]
+
+
+def _window_attention_backward(backend: str) -> Callable:
+    def backward(grad_output, inputs, output):
+        qkv, qkv_bias, num_heads, window_size, q_pool, add_bias = inputs
+        grad_qkv, grad_bias = _backward_kernel(backend, "window_attention", qkv)(
+            grad_output, qkv, qkv_bias, output, num_heads, window_size, q_pool, add_bias
+        )
+        return grad_qkv, None if qkv_bias is None else grad_bias, None, None, None, None
+
+    return backward
+
+
+def _global_attention_backward(backend: str) -> Callable:
+    def backward(grad_output, inputs, output):
+        qkv, num_heads, q_pool = inputs
+        grad_qkv, _ = _backward_kernel(backend, "global_attention", qkv)(
+            grad_output, qkv, None, output, num_heads, 0, q_pool, False
+        )
+        return grad_qkv, None, None
+
+    return backward
+
+
+def _maxpool2x2_backward(backend: str) -> Callable:
+    def backward(grad_output, inputs, output):
+        return (_backward_kernel(backend, "maxpool2x2", inputs[0])(grad_output, inputs[0]),)
+
+    return backward
+
+
+def _triton_fpn_upsample_add_backward(grad_output, inputs, output):
+    lateral, prev = inputs
+    return grad_output.to(lateral.dtype), _backward_kernel("triton", "fpn_upsample_add", prev)(grad_output, prev)
+
+
+def _fpn_upsample_add_backward(grad_output, inputs, output):
+    """lateral's gradient is grad_output; prev's, the 2x2 sums of it (each prev pixel fed four output pixels)."""
+    lateral, prev = inputs
+    batch, channels, height, width = prev.shape
+    grad_prev = grad_output.reshape(batch, channels, height, 2, width, 2).sum(dim=(3, 5))
+    return grad_output.to(lateral.dtype), grad_prev.to(prev.dtype)
+
+
+def _backward_table() -> Dict[Tuple[str, str, str], _Backward]:
+    """{(op, backend, device type): its backward without recompute}, from what loaded."""
+    table = {}
+    kernel_devices = {"extension": {}, "triton": {}}
+    if _EXTENSION_REASON is None:
+        kernel_devices["extension"] = {
+            op: _extension.kernel_device_types(kernel)
+            for op, kernel in (("window_attention", "attention_backward"), ("global_attention", "attention_backward"),
+                               ("maxpool2x2", "maxpool2x2_backward"))
+        }
+    if _TRITON_REASON is None:
+        triton_devices = tuple(device for device in ("cuda", "cpu") if _triton_runs_on(device))
+        kernel_devices["triton"] = {op: triton_devices for op in _TRITON_BACKWARD_LAUNCHERS}
+    makers = {"window_attention": _window_attention_backward, "global_attention": _global_attention_backward,
+              "maxpool2x2": _maxpool2x2_backward}
+    for backend, devices_by_op in kernel_devices.items():
+        for op, device_types in devices_by_op.items():
+            for device_type in device_types:
+                if op == "fpn_upsample_add":
+                    table[(op, backend, device_type)] = _Backward(_triton_fpn_upsample_add_backward, "kernel", False)
+                else:
+                    table[(op, backend, device_type)] = _Backward(makers[op](backend), "kernel", op != "maxpool2x2")
+    for backend in ("extension", "triton"):
+        for device_type in ("cpu", "cuda"):
+            table.setdefault(("fpn_upsample_add", backend, device_type),
+                             _Backward(_fpn_upsample_add_backward, "formula", False))
+    return table
+
+
+_BACKWARDS = _backward_table()
+_warned_recomputes: set = set()
+
+
+def active_backward(device_type: str = "cuda" if torch.cuda.is_available() else "cpu") -> Dict[str, str]:
+    """How each op's gradient is computed on ``device_type`` with the current setting: ``"<backend> kernel"`` (a
+    fused backward kernel), ``"formula"`` (the exact gradient in a few torch ops), ``"recompute"`` (the fallback:
+    the op's torch implementation rerun in the backward and differentiated), ``"torch autograd"`` (the torch backend:
+    autograd of the plain ops) or ``"none"`` (ops that take no gradient: the position encoding, a constant, and the
+    in-place bias + GELU, used only where no gradient is recorded)."""
+    status = {}
+    for op in OPS:
+        backend = resolve_backend(op, device_type)
+        if op not in _DIFFERENTIABLE:
+            status[op] = "none"
+        elif backend == "torch":
+            status[op] = "torch autograd"
+        else:
+            found = _BACKWARDS.get((op, backend, device_type))
+            status[op] = "recompute" if found is None else (f"{backend} kernel" if found.kind == "kernel" else "formula")
+    return status
+
+
+def _register_backward(register: Callable, op: str, backend_of: Callable[[tuple], str]) -> None:
+    """``register(backward, setup_context=...)`` for ``op``: its backward on the backend ``backend_of(inputs)`` names
+    (a kernel or formula, else the recompute fallback). Extra trailing inputs, such as ``backend``, get no
+    gradient. Tensors are kept with ``save_for_backward``, so activation checkpointing and saved-tensor hooks see
+    them."""
     torch_fn, arg_names, tensor_args = _DIFFERENTIABLE[op]
     positions = tuple(arg_names.index(name) for name in tensor_args)
 
     def setup_context(ctx, inputs, output):
-        ctx.inputs = inputs
+        args = inputs[: len(arg_names)]
+        device_type = args[0].device.type
+        backend = backend_of(inputs)
+        ctx.backward = _BACKWARDS.get((op, backend, device_type))
+        if ctx.backward is None and backend != "torch" and (backend, op) not in _warned_recomputes:
+            _warned_recomputes.add((backend, op))
+            warnings.warn(
+                f"sam2_fast: the {backend} backend has no backward for {op} on {device_type}; its gradient recomputes "
+                "the torch implementation (correct, slower; see sam2_fast.active_backward())", stacklevel=2,
+            )
+        if backend == "triton" and device_type == "cpu" and not all(
+            _is_plain(t) for t in args if isinstance(t, torch.Tensor)
+        ):
+            ctx.backward = None  # interpreted Triton kernels cannot run on a traced graph's fake tensors: recompute
+        ctx.arguments = tuple(None if i in positions else value for i, value in enumerate(args))
+        ctx.num_extra_inputs = len(inputs) - len(arg_names)
+        saves_output = ctx.backward is not None and ctx.backward.saves_output
+        ctx.save_for_backward(*(args[i] for i in positions), *((output,) if saves_output else ()))
 
     def backward(ctx, grad_output):
-        inputs = list(ctx.inputs)
-        leaves = []
-        for position in positions:
-            value = inputs[position]
-            if value is not None and value.requires_grad:
-                value = value.detach().requires_grad_(True)
-                inputs[position] = value
-                leaves.append((position, value))
-        grads = [None] * len(inputs)
-        if leaves:
-            with torch.enable_grad():
-                output = torch_fn(*inputs[: len(arg_names)])
-                computed = torch.autograd.grad(output, [leaf for _, leaf in leaves], grad_output)
-            for (position, _), grad in zip(leaves, computed):
-                grads[position] = grad
-        return tuple(grads)
+        saved = ctx.saved_tensors
+        inputs = list(ctx.arguments)
+        for position, value in zip(positions, saved):
+            inputs[position] = value
+        needed = ctx.needs_input_grad[: len(arg_names)]
+        if ctx.backward is not None:
+            output = saved[len(positions)] if ctx.backward.saves_output else None
+            grads = list(ctx.backward.fn(grad_output, tuple(inputs), output))
+        else:
+            grads = _recompute_gradients(torch_fn, inputs, positions, needed, grad_output)
+        grads = [grad if need else None for grad, need in zip(grads, needed)]
+        return (*grads, *([None] * ctx.num_extra_inputs))
 
     register(backward, setup_context=setup_context)
+
+
+def _recompute_gradients(torch_fn: Callable, inputs: list, positions, needed, grad_output) -> list:
+    """The recompute fallback: ``torch_fn`` rerun on the saved inputs and differentiated."""
+    leaves = []
+    for position in positions:
+        if needed[position] and inputs[position] is not None:
+            inputs[position] = inputs[position].detach().requires_grad_(True)
+            leaves.append(position)
+    grads = [None] * len(inputs)
+    if leaves:
+        with torch.enable_grad():
+            output = torch_fn(*inputs)
+            # A qkv bias enters only through padding tokens (when not added to every token): allow_unused.
+            computed = torch.autograd.grad(output, [inputs[p] for p in leaves], grad_output, allow_unused=True)
+        for position, grad in zip(leaves, computed):
+            grads[position] = grad
+    return grads
 
 
 for _op, _custom_op in (
     ("window_attention", _window_attention_op), ("global_attention", _global_attention_op),
     ("maxpool2x2", _maxpool2x2_op), ("fpn_upsample_add", _fpn_upsample_add_op),
 ):
-    _register_recompute_backward(_custom_op.register_autograd, _op)
+    _register_backward(_custom_op.register_autograd, _op, lambda inputs: inputs[-1])
     if _op in _EXTENSION_OPS:
-        _register_recompute_backward(functools.partial(torch.library.register_autograd, f"sam2_fast_ext::{_op}"), _op)
+        _register_backward(
+            functools.partial(torch.library.register_autograd, f"sam2_fast_ext::{_op}"), _op,
+            lambda inputs: "extension",
+        )
 
 
 def _define_triton_ops() -> Dict[str, Callable]:
-    """The ``torch.library.triton_op`` form of each Triton launcher, by op name (empty where triton cannot load or
-    runs interpreted). Their arguments are the torch implementations'; they compute what the launchers do, and
-    tracing them records the kernel launches themselves (see kernels.launch)."""
+    """The ``torch.library.triton_op`` form of each Triton launcher, by op name, and of each backward launcher, by
+    ``<op>_backward`` (empty where triton cannot load or runs interpreted). Their arguments are the launchers'; they
+    compute what the launchers do, and tracing them records the kernel launches themselves (see kernels.launch)."""
     if _TRITON_REASON is not None or os.environ.get("TRITON_INTERPRET") == "1":
         return {}
     from torch.library import triton_op
@@ -359,13 +513,35 @@ def _define_triton_ops() -> Dict[str, Callable]:
     def fpn_upsample_add(lateral: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         return launchers["fpn_upsample_add"](lateral, prev)
 
-    ops = {
+    backward_launchers = _TRITON_BACKWARD_LAUNCHERS
+
+    @triton_op("sam2_fast::triton_attention_backward", mutates_args=())
+    def attention_backward(
+        grad_out: torch.Tensor, qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], out: torch.Tensor,
+        num_heads: int, window_size: int, q_pool: bool, add_bias: bool,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        return backward_launchers["window_attention"](
+            grad_out, qkv, qkv_bias, out, num_heads, window_size, q_pool, add_bias
+        )
+
+    @triton_op("sam2_fast::triton_maxpool2x2_backward", mutates_args=())
+    def maxpool2x2_backward(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return backward_launchers["maxpool2x2"](grad_out, x)
+
+    @triton_op("sam2_fast::triton_fpn_upsample_add_backward", mutates_args=())
+    def fpn_upsample_add_backward(grad: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        return backward_launchers["fpn_upsample_add"](grad, prev)
+
+    forward_ops = {
         "window_attention": window_attention, "global_attention": global_attention, "maxpool2x2": maxpool2x2,
         "fpn_upsample_add": fpn_upsample_add,
     }
-    for name, op in ops.items():
-        _register_recompute_backward(op.register_autograd, name)
-    return ops
+    for name, op in forward_ops.items():
+        _register_backward(op.register_autograd, name, lambda inputs: "triton")
+    return {
+        **forward_ops, "window_attention_backward": attention_backward, "global_attention_backward": attention_backward,
+        "maxpool2x2_backward": maxpool2x2_backward, "fpn_upsample_add_backward": fpn_upsample_add_backward,
+    }
 
 
 _TRITON_OPS = _define_triton_ops()

@@ -1,0 +1,413 @@
+// attention_backward on CPU: the gradients of window_attention, and of global_attention (window_size 0), with
+// respect to the qkv map and the qkv bias.
+//
+// grad_out, out: (B, H_out, W_out, dim), the gradient of the forward's output and that output; qkv: (B, H, W,
+// 3 * dim) as the forward got it (without its bias when add_bias), any strides over B, H, W; qkv_bias: (3 * dim,) or
+// None; num_heads, window_size, q_pool, add_bias: the forward's. fp32, bf16, fp16 or fp64.
+// Returns grad_qkv (B, H, W, 3 * dim), contiguous, qkv's dtype, and the qkv bias's gradient (3 * dim,) in its dtype
+// (shape (0,) without a bias).
+//
+// Flash-attention style, per (window, head): the probabilities are recomputed from q and k (a block of query rows
+// holds every key, so the softmax is exact and needs no saved log-sum-exp), D = rowsum(dO * O) comes from the saved
+// output, then dV = P^T dO, dP = dO V^T, dS = P * (dP - D), dQ = dS K * scale and dK = dS^T Q * scale, accumulated in
+// fp32 (fp64 for fp64 inputs, so that gradcheck can check the kernel), the products by the BLAS torch links (as
+// ATen's own CPU flash attention does). As in the forward, windows are read and their gradients written in place (no
+// partition, pad or unpartition copies), only the queries that survive the crop are computed, and a window's padding
+// tokens (all equal to the qkv bias, or zero without one) are one key weighted by their count, whose k and v
+// gradients are the padding tokens' summed ones and go to the qkv bias. With q_pool, the gradient of each pooled q
+// goes to the token max_pool2d takes (the first maximum in its scan order; the last NaN if there is one), among the
+// values the forward pooled (bias added). Global attention is one window covering the whole map, its queries in
+// blocks.
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <utility>
+#include <type_traits>
+#include <vector>
+
+#include "cpu_utils.h"
+#include "exp8.h"
+#include "vec8.h"
+
+// The BLAS that torch links (MKL in the x86-64 Linux wheels; ATen calls the same symbols). Weak, so that the library
+// loads where a torch build has none: the kernel is then not registered (see the end of this file) and the op layer
+// falls back to differentiating the torch implementation.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+
+namespace sam2_fast {
+namespace {
+
+// A block of query rows holds this many scores at most (512 KB in fp32), so that its scores and their gradients
+// stay in L2 while the products go over them; a window's queries fit in one block.
+constexpr int64_t kScoreBlockElements = 1 << 17;
+constexpr int64_t kMinQueryBlockRows = 16;
+
+// Row-major C[m, n] = alpha * op(A) op(B) + beta * C, with op(A) = A (m x k, row stride lda) or A^T (A stored k x m),
+// through the column-major BLAS: a row-major matrix read column-major is its transpose, so C^T = op(B)^T op(A)^T.
+template <typename acc_t>
+void gemm_rows(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, acc_t alpha, const acc_t* a,
+               int64_t lda, const acc_t* b, int64_t ldb, acc_t beta, acc_t* c, int64_t ldc) {
+  const char op_b = transpose_b ? 'T' : 'N', op_a = transpose_a ? 'T' : 'N';
+  const int rows = static_cast<int>(n), cols = static_cast<int>(m), depth = static_cast<int>(k);
+  const int ld_b = static_cast<int>(ldb), ld_a = static_cast<int>(lda), ld_c = static_cast<int>(ldc);
+  if constexpr (std::is_same_v<acc_t, float>) {
+    sgemm_(&op_b, &op_a, &rows, &cols, &depth, &alpha, b, &ld_b, a, &ld_a, &beta, c, &ld_c);
+  } else {
+    dgemm_(&op_b, &op_a, &rows, &cols, &depth, &alpha, b, &ld_b, a, &ld_a, &beta, c, &ld_c);
+  }
+}
+
+// row[0:n] = softmax(row[0:n]) in place for each of `rows` rows `ld` apart, fp32 (vectorized exp).
+SAM2_FAST_MULTIVERSION
+void softmax_rows_f32(float* scores, int64_t rows, int64_t n, int64_t ld) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* row = scores + i * ld;
+    const int64_t full = n - n % kLanes;
+    vec8 max_vec = broadcast(-INFINITY);
+    for (int64_t j = 0; j < full; j += kLanes) {
+      const vec8 s = load(row + j);
+      max_vec = s > max_vec ? s : max_vec;
+    }
+    float row_max = -INFINITY;
+    for (int64_t lane = 0; lane < kLanes; ++lane) row_max = std::fmax(row_max, max_vec[lane]);
+    for (int64_t j = full; j < n; ++j) row_max = std::fmax(row_max, row[j]);
+    vec8 sum_vec = {};
+    for (int64_t j = 0; j < full; j += kLanes) {
+      const vec8 p = exp_nonpositive(load(row + j) - row_max);
+      store(row + j, p);
+      sum_vec += p;
+    }
+    float sum = 0.0f;
+    for (int64_t lane = 0; lane < kLanes; ++lane) sum += sum_vec[lane];
+    for (int64_t j = full; j < n; ++j) {
+      row[j] = std::exp(row[j] - row_max);
+      sum += row[j];
+    }
+    const float inverse = 1.0f / sum;
+    for (int64_t j = 0; j < n; ++j) row[j] *= inverse;
+  }
+}
+
+template <typename acc_t>
+void softmax_rows(acc_t* scores, int64_t rows, int64_t n, int64_t ld) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    softmax_rows_f32(scores, rows, n, ld);
+  } else {
+    for (int64_t i = 0; i < rows; ++i) {
+      acc_t* row = scores + i * ld;
+      const acc_t row_max = *std::max_element(row, row + n);
+      acc_t sum = 0;
+      for (int64_t j = 0; j < n; ++j) sum += (row[j] = std::exp(row[j] - row_max));
+      for (int64_t j = 0; j < n; ++j) row[j] /= sum;
+    }
+  }
+}
+
+// grad_scores[i, :n] = probs[i, :n] * (grad_scores[i, :n] - row_terms[i]), the softmax's backward, in place; rows
+// `ld` apart.
+template <typename acc_t>
+SAM2_FAST_INLINE void softmax_backward_rows_of(const acc_t* probs, acc_t* grad_scores, const acc_t* row_terms,
+                                               int64_t rows, int64_t n, int64_t ld) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const acc_t term = row_terms[i];
+    for (int64_t j = 0; j < n; ++j) grad_scores[i * ld + j] = probs[i * ld + j] * (grad_scores[i * ld + j] - term);
+  }
+}
+
+SAM2_FAST_MULTIVERSION
+void softmax_backward_rows(const float* probs, float* grad_scores, const float* row_terms, int64_t rows, int64_t n,
+                           int64_t ld) {
+  softmax_backward_rows_of(probs, grad_scores, row_terms, rows, n, ld);
+}
+
+SAM2_FAST_MULTIVERSION
+void softmax_backward_rows(const double* probs, double* grad_scores, const double* row_terms, int64_t rows,
+                           int64_t n, int64_t ld) {
+  softmax_backward_rows_of(probs, grad_scores, row_terms, rows, n, ld);
+}
+
+// value + bias rounded to scalar_t, as the forward reads a token with add_bias (summed in fp32, exact for the 16-bit
+// types; in fp64 for fp64).
+template <typename scalar_t>
+inline scalar_t add_rounded(scalar_t value, scalar_t bias) {
+  using sum_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  return static_cast<scalar_t>(static_cast<sum_t>(value) + static_cast<sum_t>(bias));
+}
+
+// Where one task's problem sits: a window of the map (or, for global attention, the whole map).
+struct TaskWindow {
+  int64_t b, head;
+  int64_t y0, x0;              // the window's first token
+  int64_t in_h, in_w;          // its tokens inside the map
+  int64_t padding;             // its tokens beyond the map (all equal: one key weighted by the count)
+  int64_t kept_h, kept_w;      // its queries that survive the crop
+  int64_t out_y0, out_x0;      // where its first query lands in the output
+  int64_t num_keys() const { return in_h * in_w + (padding > 0 ? 1 : 0); }
+  int64_t num_queries() const { return kept_h > 0 && kept_w > 0 ? kept_h * kept_w : 0; }
+};
+
+// dst[0:n] = src[0:n] (plus bias[0:n], rounded to scalar_t, unless bias is null) in the accumulation type.
+template <typename scalar_t, typename acc_t>
+inline void read_row(const scalar_t* src, const scalar_t* bias, int64_t n, acc_t* dst) {
+  if (bias == nullptr) {
+    for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<acc_t>(src[d]);
+  } else {
+    for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<acc_t>(add_rounded(src[d], bias[d]));
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void write_row(const acc_t* src, int64_t n, scalar_t* dst) {
+  for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<scalar_t>(src[d]);
+}
+
+// q[d] = the max of rows[0..3][d] in max_pool2d's scan order, corner[d] = the row it came from (see pool_takes).
+template <typename acc_t>
+inline void pool_rows(const acc_t* rows, int64_t n, acc_t* q, uint8_t* corner) {
+  for (int64_t d = 0; d < n; ++d) {
+    acc_t best = rows[d];
+    uint8_t best_corner = 0;
+    for (uint8_t c = 1; c < 4; ++c) {
+      const acc_t candidate = rows[c * n + d];
+      const bool take = candidate > best || candidate != candidate;
+      best = take ? candidate : best;
+      best_corner = take ? c : best_corner;
+    }
+    q[d] = best;
+    corner[d] = best_corner;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& qkv_in, const std::optional<at::Tensor>& qkv_bias,
+    const at::Tensor& out_in, int64_t num_heads, int64_t window_size, bool q_pool, bool add_bias) {
+  TORCH_CHECK(qkv_in.dim() == 4, "attention_backward: expected qkv of shape (B, H, W, 3 * dim), got ", qkv_in.sizes());
+  TORCH_CHECK(num_heads > 0 && qkv_in.size(3) % (3 * num_heads) == 0, "attention_backward: qkv's last dim ",
+              qkv_in.size(3), " is not a multiple of 3 * num_heads = ", 3 * num_heads);
+  TORCH_CHECK(window_size >= 0, "attention_backward: expected window_size >= 0 (0: global), got ", window_size);
+  TORCH_CHECK(!q_pool || window_size % 2 == 0, "attention_backward: q_pool needs an even window_size, got ",
+              window_size);
+  TORCH_CHECK(!add_bias || qkv_bias.has_value(), "attention_backward: add_bias needs a qkv_bias, got None");
+  const at::Tensor qkv = qkv_in.stride(3) == 1 ? qkv_in : qkv_in.contiguous();
+  const bool global = window_size == 0;
+  const int64_t batch = qkv.size(0), height = qkv.size(1), width = qkv.size(2), dim = qkv.size(3) / 3;
+  const int64_t head_dim = dim / num_heads, step = q_pool ? 2 : 1;
+  const int64_t out_h = height / step, out_w = width / step;
+  const std::vector<int64_t> out_shape{batch, out_h, out_w, dim};
+  TORCH_CHECK(grad_out_in.sizes() == out_shape && out_in.sizes() == out_shape,
+              "attention_backward: expected grad_out and out of shape ", out_shape, ", got ", grad_out_in.sizes(),
+              " and ", out_in.sizes());
+  TORCH_CHECK(grad_out_in.scalar_type() == qkv.scalar_type() && out_in.scalar_type() == qkv.scalar_type(),
+              "attention_backward: expected grad_out and out of qkv's dtype ", qkv.scalar_type(), ", got ",
+              grad_out_in.scalar_type(), " and ", out_in.scalar_type());
+  const at::Tensor grad_out = grad_out_in.contiguous(), out = out_in.contiguous();
+  at::Tensor bias;  // in qkv's dtype, as the forward reads it
+  if (qkv_bias.has_value()) {
+    TORCH_CHECK(qkv_bias->dim() == 1 && qkv_bias->size(0) == 3 * dim, "attention_backward: expected qkv_bias of shape (",
+                3 * dim, ",), got ", qkv_bias->sizes());
+    bias = qkv_bias->to(qkv.scalar_type()).contiguous();
+  }
+  at::Tensor grad_qkv = at::empty(qkv.sizes(), qkv.options());
+
+  // Windows per map column and row, and their extent (the whole map for global attention).
+  const int64_t window_h = global ? height : window_size, window_w = global ? width : window_size;
+  const int64_t out_window_h = global ? out_h : window_size / step, out_window_w = global ? out_w : window_size / step;
+  const int64_t rows = global ? 1 : (height + window_size - 1) / window_size;
+  const int64_t cols = global ? 1 : (width + window_size - 1) / window_size;
+  const int64_t num_tasks = batch * rows * cols * num_heads;
+  const auto task_window = [&](int64_t task) -> TaskWindow {
+    const int64_t window = task / num_heads, row = (window / cols) % rows, col = window % cols;
+    const int64_t y0 = row * window_h, x0 = col * window_w;
+    const int64_t in_h = std::min(window_h, height - y0), in_w = std::min(window_w, width - x0);
+    const int64_t out_y0 = row * out_window_h, out_x0 = col * out_window_w;
+    return {window / (rows * cols), task % num_heads, y0, x0, in_h, in_w, window_h * window_w - in_h * in_w,
+            std::min(out_window_h, out_h - out_y0), std::min(out_window_w, out_w - out_x0), out_y0, out_x0};
+  };
+  const auto task_cost = [&](int64_t task) -> int64_t {
+    const TaskWindow w = task_window(task);
+    return (w.num_queries() + 2) * w.num_keys() * head_dim;
+  };
+  const int64_t max_keys = window_h * window_w, max_queries = out_window_h * out_window_w;
+  const int64_t block_rows =
+      std::min(max_queries, std::max(kMinQueryBlockRows, kScoreBlockElements / std::max<int64_t>(1, max_keys)));
+  const at::ScalarType acc_type = qkv.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor bias_grads = at::zeros({at::get_num_threads(), 3 * dim}, qkv.options().dtype(acc_type));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "attention_backward_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* src = qkv.const_data_ptr<scalar_t>();
+    const scalar_t* bias_data = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* added_bias = add_bias ? bias_data : nullptr;
+    const scalar_t* grad_out_data = grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* out_data = out.const_data_ptr<scalar_t>();
+    scalar_t* grad_data = grad_qkv.mutable_data_ptr<scalar_t>();
+    const int64_t stride_b = qkv.stride(0), stride_h = qkv.stride(1), stride_w = qkv.stride(2);
+    const acc_t scale = static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(head_dim)));
+    const auto token = [&](int64_t b, int64_t y, int64_t x) { return src + b * stride_b + y * stride_h + x * stride_w; };
+    const auto grad_token = [&](int64_t b, int64_t y, int64_t x) {
+      return grad_data + ((b * height + y) * width + x) * 3 * dim;
+    };
+    const auto out_offset = [&](int64_t b, int64_t y, int64_t x) { return ((b * out_h + y) * out_w + x) * dim; };
+    const auto channels_of = [](const scalar_t* data, int64_t channel) { return data == nullptr ? data : data + channel; };
+
+    parallel_for_balanced(num_tasks, 1 << 18, task_cost, [&](int64_t begin, int64_t end) {
+      // Row-major: q and dO (max_queries, head_dim), D (max_queries,), k, v and their gradients (max_keys, head_dim),
+      // P and dP (then dS) of a block of queries (block_rows, max_keys), dQ of the block (block_rows, head_dim).
+      std::vector<acc_t> queries(max_queries * head_dim), grad_outs(max_queries * head_dim), row_terms(max_queries);
+      std::vector<acc_t> out_row(head_dim), corner_rows(q_pool ? 4 * head_dim : 0);
+      std::vector<uint8_t> corners(q_pool ? max_queries * head_dim : 0);  // which of the 2x2 tokens each q came from
+      std::vector<acc_t> keys(max_keys * head_dim), values(max_keys * head_dim);
+      std::vector<acc_t> grad_keys(max_keys * head_dim), grad_values(max_keys * head_dim);
+      std::vector<acc_t> probs(block_rows * max_keys), grad_scores(block_rows * max_keys);
+      std::vector<acc_t> grad_queries(block_rows * head_dim);
+      acc_t* bias_grad = bias_grads.mutable_data_ptr<acc_t>() + at::get_thread_num() * 3 * dim;
+
+      for (int64_t task = begin; task < end; ++task) {
+        const TaskWindow w = task_window(task);
+        const int64_t q_channel = w.head * head_dim, k_channel = dim + q_channel, v_channel = 2 * dim + q_channel;
+        const int64_t num_keys = w.num_keys(), num_queries = w.num_queries(), in_map = w.in_h * w.in_w;
+        const auto key_place = [&](int64_t j) -> std::pair<int64_t, int64_t> {
+          return {w.y0 + j / w.in_w, w.x0 + j % w.in_w};
+        };
+        // Keys and values: the window's tokens in the map, row by row, then its padding tokens as one key.
+        for (int64_t j = 0; j < in_map; ++j) {
+          const auto [y, x] = key_place(j);
+          const scalar_t* t = token(w.b, y, x);
+          read_row(t + k_channel, channels_of(added_bias, k_channel), head_dim, keys.data() + j * head_dim);
+          read_row(t + v_channel, channels_of(added_bias, v_channel), head_dim, values.data() + j * head_dim);
+        }
+        if (w.padding > 0) {
+          acc_t* key = keys.data() + in_map * head_dim;
+          acc_t* value = values.data() + in_map * head_dim;
+          if (bias_data == nullptr) {
+            std::fill(key, key + head_dim, acc_t(0));
+            std::fill(value, value + head_dim, acc_t(0));
+          } else {
+            read_row(bias_data + k_channel, static_cast<const scalar_t*>(nullptr), head_dim, key);
+            read_row(bias_data + v_channel, static_cast<const scalar_t*>(nullptr), head_dim, value);
+          }
+        }
+        // Queries (pooled, remembering the winning token per channel), their output gradients and D.
+        for (int64_t i = 0; i < num_queries; ++i) {
+          const int64_t qy = i / w.kept_w, qx = i % w.kept_w;
+          const int64_t y = w.y0 + step * qy, x = w.x0 + step * qx;
+          acc_t* q = queries.data() + i * head_dim;
+          if (q_pool) {
+            for (int64_t c = 0; c < 4; ++c) {
+              read_row(token(w.b, y + c / 2, x + c % 2) + q_channel, channels_of(added_bias, q_channel), head_dim,
+                       corner_rows.data() + c * head_dim);
+            }
+            pool_rows(corner_rows.data(), head_dim, q, corners.data() + i * head_dim);
+          } else {
+            read_row(token(w.b, y, x) + q_channel, channels_of(added_bias, q_channel), head_dim, q);
+          }
+          const int64_t offset = out_offset(w.b, w.out_y0 + qy, w.out_x0 + qx) + q_channel;
+          acc_t* grad_o = grad_outs.data() + i * head_dim;
+          read_row(grad_out_data + offset, static_cast<const scalar_t*>(nullptr), head_dim, grad_o);
+          read_row(out_data + offset, static_cast<const scalar_t*>(nullptr), head_dim, out_row.data());
+          acc_t term = 0;
+          for (int64_t d = 0; d < head_dim; ++d) term += grad_o[d] * out_row[d];
+          row_terms[i] = term;
+        }
+        if (num_queries == 0) {
+          std::fill(grad_keys.begin(), grad_keys.begin() + num_keys * head_dim, acc_t(0));
+          std::fill(grad_values.begin(), grad_values.begin() + num_keys * head_dim, acc_t(0));
+        }
+        for (int64_t i0 = 0; i0 < num_queries; i0 += block_rows) {
+          const int64_t n = std::min(block_rows, num_queries - i0);
+          const acc_t* q = queries.data() + i0 * head_dim;
+          const acc_t* grad_o = grad_outs.data() + i0 * head_dim;
+          const acc_t accumulate = i0 == 0 ? acc_t(0) : acc_t(1);
+          // P = softmax(Q K^T * scale), the padding key counting `padding` times.
+          gemm_rows<acc_t>(false, true, n, num_keys, head_dim, scale, q, head_dim, keys.data(), head_dim, 0,
+                           probs.data(), num_keys);
+          if (w.padding > 0) {
+            const acc_t log_count = std::log(static_cast<acc_t>(w.padding));
+            for (int64_t i = 0; i < n; ++i) probs[i * num_keys + num_keys - 1] += log_count;
+          }
+          softmax_rows(probs.data(), n, num_keys, num_keys);
+          // dS = P * (dO V^T - D)
+          gemm_rows<acc_t>(false, true, n, num_keys, head_dim, 1, grad_o, head_dim, values.data(), head_dim, 0,
+                           grad_scores.data(), num_keys);
+          softmax_backward_rows(probs.data(), grad_scores.data(), row_terms.data() + i0, n, num_keys, num_keys);
+          // dQ = dS K * scale; dK (+)= dS^T Q * scale; dV (+)= P^T dO
+          gemm_rows<acc_t>(false, false, n, head_dim, num_keys, scale, grad_scores.data(), num_keys, keys.data(),
+                           head_dim, 0, grad_queries.data(), head_dim);
+          gemm_rows<acc_t>(true, false, num_keys, head_dim, n, scale, grad_scores.data(), num_keys, q, head_dim,
+                           accumulate, grad_keys.data(), head_dim);
+          gemm_rows<acc_t>(true, false, num_keys, head_dim, n, 1, probs.data(), num_keys, grad_o, head_dim,
+                           accumulate, grad_values.data(), head_dim);
+          // Each query's gradient to its token, or with q_pool per channel to the token its q came from (the other
+          // three of its 2x2 tokens get zero).
+          for (int64_t i = 0; i < n; ++i) {
+            const int64_t qy = (i0 + i) / w.kept_w, qx = (i0 + i) % w.kept_w;
+            const int64_t y = w.y0 + step * qy, x = w.x0 + step * qx;
+            const acc_t* g = grad_queries.data() + i * head_dim;
+            if (q_pool) {
+              const uint8_t* corner = corners.data() + (i0 + i) * head_dim;
+              for (uint8_t c = 0; c < 4; ++c) {
+                scalar_t* dst = grad_token(w.b, y + c / 2, x + c % 2) + q_channel;
+                for (int64_t d = 0; d < head_dim; ++d) dst[d] = corner[d] == c ? static_cast<scalar_t>(g[d]) : scalar_t(0);
+              }
+            } else {
+              write_row(g, head_dim, grad_token(w.b, y, x) + q_channel);
+            }
+            if (add_bias) {
+              for (int64_t d = 0; d < head_dim; ++d) bias_grad[q_channel + d] += g[d];
+            }
+          }
+        }
+        // Tokens of the window that no kept query covers (past the pooled crop) get zero q gradients.
+        const int64_t covered_h = num_queries > 0 ? step * w.kept_h : 0, covered_w = num_queries > 0 ? step * w.kept_w : 0;
+        for (int64_t j = 0; j < in_map; ++j) {
+          const auto [y, x] = key_place(j);
+          if (y - w.y0 < covered_h && x - w.x0 < covered_w) continue;
+          scalar_t* g = grad_token(w.b, y, x) + q_channel;
+          std::fill(g, g + head_dim, scalar_t(0));
+        }
+        for (int64_t j = 0; j < in_map; ++j) {
+          const auto [y, x] = key_place(j);
+          scalar_t* g = grad_token(w.b, y, x);
+          write_row(grad_keys.data() + j * head_dim, head_dim, g + k_channel);
+          write_row(grad_values.data() + j * head_dim, head_dim, g + v_channel);
+        }
+        // The bias gets the padding key's gradients, and with add_bias every token's.
+        for (int64_t j = add_bias ? 0 : in_map; j < num_keys; ++j) {
+          for (int64_t d = 0; d < head_dim; ++d) {
+            bias_grad[k_channel + d] += grad_keys[j * head_dim + d];
+            bias_grad[v_channel + d] += grad_values[j * head_dim + d];
+          }
+        }
+      }
+    });
+  });
+  if (!qkv_bias.has_value()) return {grad_qkv, at::empty({0}, qkv.options())};
+  return {grad_qkv, bias_grads.sum(0).to(qkv_bias->scalar_type())};
+}
+
+}  // namespace
+}  // namespace sam2_fast
+
+TORCH_LIBRARY_IMPL(sam2_fast_ext, CPU, m) {
+  // Only with the BLAS the products need (see sgemm_ above); the op layer asks the dispatcher whether it is there.
+  if (sgemm_ != nullptr && dgemm_ != nullptr) {
+    m.impl("attention_backward", TORCH_FN(sam2_fast::attention_backward_cpu));
+  }
+}

@@ -1,0 +1,233 @@
+"""The backward of each op on every CPU backend that claims one (``sam2_fast.active_backward``): float64 gradcheck
+of each backward kernel, agreement with autograd of the torch implementation in fp32/bf16/fp16, max_pool2d's tie
+rule, opcheck of the backward ops, and a training step traced by torch.compile.
+
+The Triton backward kernels have their own test files (run under the Triton interpreter).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from functorch.compile import make_boxed_func
+from torch._dynamo.backends.common import aot_autograd
+
+import sam2_fast
+from sam2_fast import _extension, ops, torch_ops
+
+from helpers import assert_close_verbose, max_abs_error, seeded_state
+
+# Backends with a backward (kernel or formula) for some op on CPU.
+BACKENDS = sorted({backend for (_, backend, device_type) in ops._BACKWARDS if device_type == "cpu"
+                   and ops._unavailable_reason("maxpool2x2", backend, "cpu") is None})
+if not BACKENDS:
+    pytest.skip("no backend with a CPU backward kernel here (the C++ extension is not built)", allow_module_level=True)
+
+
+class _KernelBackward(torch.autograd.Function):
+    """``op``'s torch implementation forward (exact in float64) with ``backend``'s backward: gradcheck then checks
+    the backward alone (the fast forwards accumulate in fp32 whatever the input dtype)."""
+
+    @staticmethod
+    def forward(ctx, op, backend, *inputs):
+        output = ops._DIFFERENTIABLE[op][0](*inputs)
+        ctx.backward, ctx.inputs, ctx.output = ops._BACKWARDS[(op, backend, "cpu")], inputs, output
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return (None, None, *ctx.backward.fn(grad_output.contiguous(), ctx.inputs, ctx.output.contiguous()))
+
+
+def _claims(op: str, backend: str) -> bool:
+    return (op, backend, "cpu") in ops._BACKWARDS
+
+
+# (B, H, W, heads, head_dim, window, q_pool, add_bias, with_bias): padding on one or both sides, an odd head_dim,
+# q-pooling inside padded windows and on odd maps (floor), a window that pools to nothing, the bias added as read.
+WINDOW_CASES = [
+    (2, 5, 11, 2, 3, 4, False, False, True),
+    (1, 10, 6, 2, 2, 4, True, False, True),
+    (1, 7, 9, 1, 3, 14, True, True, True),
+    (2, 9, 5, 1, 4, 4, True, False, False),
+    (1, 8, 8, 2, 2, 8, False, True, True),
+    (1, 5, 5, 1, 2, 4, True, False, True),  # the last window row holds one map row: it pools to nothing
+]
+GLOBAL_CASES = [(2, 3, 5, 2, 3, False), (1, 5, 4, 1, 4, True)]
+
+
+def _window_inputs(case, dtype=torch.float64, generator=None):
+    batch, height, width, heads, head_dim, window, q_pool, add_bias, with_bias = case
+    dim = heads * head_dim
+    generator = generator or torch.Generator().manual_seed(0)
+    qkv = torch.randn(batch, height, width, 3 * dim, generator=generator, dtype=torch.float64).to(dtype)
+    bias = torch.randn(3 * dim, generator=generator, dtype=torch.float64).to(dtype) if with_bias else None
+    return (qkv, bias, heads, window, q_pool, add_bias)
+
+
+def _global_inputs(case, dtype=torch.float64):
+    batch, height, width, heads, head_dim, q_pool = case
+    qkv = torch.randn(batch, height, width, 3 * heads * head_dim, generator=torch.Generator().manual_seed(1),
+                      dtype=torch.float64).to(dtype)
+    return (qkv, heads, q_pool)
+
+
+def _gradcheck(op, backend, inputs):
+    inputs = tuple(t.requires_grad_(True) if isinstance(t, torch.Tensor) else t for t in inputs)
+    # fast_mode checks random projections of the Jacobian: the whole of it costs minutes at these sizes.
+    assert torch.autograd.gradcheck(lambda *args: _KernelBackward.apply(op, backend, *args), inputs, fast_mode=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_active_backward_names_the_kernels(backend):
+    with sam2_fast.use_backend(backend):
+        status = sam2_fast.active_backward("cpu")
+    for op in ("window_attention", "global_attention", "maxpool2x2", "fpn_upsample_add"):
+        found = ops._BACKWARDS.get((op, backend, "cpu"))
+        expected = "recompute" if found is None else (f"{backend} kernel" if found.kind == "kernel" else "formula")
+        assert status[op] == expected, op
+    assert status["bias_gelu_"] == status["sine_position_encoding"] == "none"
+    with sam2_fast.use_backend("torch"):
+        assert set(sam2_fast.active_backward("cpu").values()) <= {"torch autograd", "none"}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", WINDOW_CASES)
+def test_window_attention_backward_gradcheck(backend, case):
+    if not _claims("window_attention", backend):
+        pytest.skip(f"{backend} has no window_attention backward")
+    _gradcheck("window_attention", backend, _window_inputs(case))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", GLOBAL_CASES)
+def test_global_attention_backward_gradcheck(backend, case):
+    if not _claims("global_attention", backend):
+        pytest.skip(f"{backend} has no global_attention backward")
+    _gradcheck("global_attention", backend, _global_inputs(case))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 5, 7, 3), (1, 4, 6, 1)])
+def test_maxpool2x2_backward_gradcheck(backend, shape):
+    if not _claims("maxpool2x2", backend):
+        pytest.skip(f"{backend} has no maxpool2x2 backward")
+    _gradcheck("maxpool2x2", backend, (torch.randn(shape, dtype=torch.float64),))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fpn_upsample_add_backward_matches_autograd(backend):
+    # The top-down term is upsampled in float32 (as in the reference), too coarse for finite differences.
+    lateral = torch.randn(2, 3, 6, 4, dtype=torch.bfloat16, requires_grad=True)
+    prev = torch.randn(2, 3, 3, 2, requires_grad=True)
+    grad_out = torch.randn(2, 3, 6, 4)
+    expected = torch.autograd.grad(torch_ops.fpn_upsample_add(lateral, prev), (lateral, prev), grad_out)
+    actual = torch.autograd.grad(_KernelBackward.apply("fpn_upsample_add", backend, lateral, prev), (lateral, prev),
+                                 grad_out)
+    for name, a, e in zip(("lateral", "prev"), actual, expected):
+        # prev's gradient sums four fp32 values, in another order than autograd's.
+        assert_close_verbose(a, e, atol=1e-6, rtol=1e-6, name=f"grad {name}")
+
+
+# Low precision: the kernel reads bf16/fp16 inputs, computes in fp32 and rounds each gradient once; it also takes
+# D = rowsum(dO * O) from the output as the forward rounded it. Against float64 autograd on the same rounded inputs
+# its worst error, relative to the gradient's magnitude, is a few units of the dtype's rounding (2^-8 bf16, 2^-11
+# fp16); fp32 stays within float rounding of the O(1) values.
+RELATIVE_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2**-6, torch.float16: 2**-9}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", list(RELATIVE_TOLERANCE))
+@pytest.mark.parametrize("case", WINDOW_CASES[:4])
+def test_window_attention_op_gradients_per_dtype(backend, dtype, case):
+    # Through the op layer as the model calls it: the fast forward, its autograd formula, the backward kernel.
+    qkv, bias, heads, window, q_pool, add_bias = _window_inputs(case, dtype)
+    leaves = [t.requires_grad_(True) for t in (qkv, bias) if t is not None]
+    with sam2_fast.use_backend(backend):
+        out = ops.window_attention(qkv, bias, heads, window, q_pool, add_bias)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(dtype)
+    actual = torch.autograd.grad(out, leaves, grad_out)
+    exact_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
+    exact_bias = exact_leaves[1] if bias is not None else None
+    exact_out = torch_ops.window_attention(exact_leaves[0], exact_bias, heads, window, q_pool, add_bias)
+    expected = torch.autograd.grad(exact_out, exact_leaves, grad_out.double())
+    for name, a, e in zip(("qkv", "qkv_bias"), actual, expected):
+        assert a.dtype == dtype, f"{name}: dtype {a.dtype}"
+        error = max_abs_error(a, e) / e.abs().max().item()
+        assert error <= RELATIVE_TOLERANCE[dtype], f"{name}: relative error {error:.3g} ({dtype})"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("add_bias", [False, True])
+def test_q_pool_gradient_follows_max_pool2d_ties(backend, add_bias):
+    # q channels of few distinct values: most 2x2 groups tie, and max_pool2d gives the gradient to the first maximum
+    # in its scan order (top-left, top-right, bottom-left, bottom-right); a bias keeps the ties as they are.
+    generator = torch.Generator().manual_seed(3)
+    qkv = torch.randn(2, 8, 6, 3 * 8, generator=generator, dtype=torch.float64)
+    qkv[..., :8] = torch.randint(0, 2, (2, 8, 6, 8), generator=generator).double()
+    bias = torch.randn(3 * 8, generator=generator, dtype=torch.float64)
+    inputs = [qkv.requires_grad_(True), bias.requires_grad_(True)]
+    grad_out = torch.randn(2, 4, 3, 8, generator=generator, dtype=torch.float64)
+    expected = torch.autograd.grad(torch_ops.window_attention(*inputs, 2, 4, True, add_bias), inputs, grad_out)
+    actual = torch.autograd.grad(
+        _KernelBackward.apply("window_attention", backend, *inputs, 2, 4, True, add_bias), inputs, grad_out
+    )
+    for name, a, e in zip(("qkv", "qkv_bias"), actual, expected):
+        assert_close_verbose(a, e, atol=1e-12, name=f"grad {name}")
+    x = torch.randint(0, 2, (2, 5, 7, 3), generator=generator).double().requires_grad_(True)
+    pooled_grad = torch.randn(2, 2, 3, 3, generator=generator, dtype=torch.float64)
+    assert_close_verbose(
+        torch.autograd.grad(_KernelBackward.apply("maxpool2x2", backend, x), x, pooled_grad)[0],
+        torch.autograd.grad(torch_ops.maxpool2x2(x), x, pooled_grad)[0], name="maxpool2x2 grad x",
+    )
+
+
+@pytest.mark.skipif(_extension.load_error() is not None, reason="the C++ extension is not built")
+@pytest.mark.parametrize("args", [
+    lambda: (torch.randn(2, 5, 11, 6), torch.randn(2, 5, 11, 18), torch.randn(18), torch.randn(2, 5, 11, 6), 2, 4,
+             False, True),
+    lambda: (torch.randn(1, 2, 3, 8), torch.randn(1, 5, 6, 24), None, torch.randn(1, 2, 3, 8), 2, 0, True, False),
+], ids=["window", "global_q_pool"])
+def test_attention_backward_opcheck(args):
+    torch.library.opcheck(torch.ops.sam2_fast_ext.attention_backward.default, args())
+
+
+@pytest.mark.skipif(_extension.load_error() is not None, reason="the C++ extension is not built")
+def test_maxpool2x2_backward_opcheck():
+    torch.library.opcheck(torch.ops.sam2_fast_ext.maxpool2x2_backward.default,
+                          (torch.randn(2, 2, 3, 5), torch.randn(2, 5, 7, 5)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_training_step_traces_the_backward_kernels(backend):
+    # torch.compile of forward + backward: AOTAutograd traces the autograd formulas, so the graphs hold the backward
+    # kernels (through their fakes) and the gradients equal eager ones.
+    encoder = sam2_fast.build_image_encoder("sam2.1_hiera_tiny").train()
+    encoder.load_state_dict(seeded_state("sam2.1_hiera_tiny"))
+    image = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(4))
+
+    def step(model):
+        encoder.zero_grad(set_to_none=True)
+        loss = sum(t.square().mean() for t in model(image)["backbone_fpn"])
+        loss.backward()
+        return {name: p.grad for name, p in encoder.named_parameters()}
+
+    backward_targets = set()
+
+    def record_backward(graph_module, example_inputs):
+        backward_targets.update(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+        return make_boxed_func(graph_module.forward)
+
+    torch._dynamo.reset()
+    with sam2_fast.use_backend(backend):
+        expected = step(encoder)
+        compiled = torch.compile(
+            encoder, fullgraph=True,
+            backend=aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward), bw_compiler=record_backward),
+        )
+        actual = step(compiled)
+    for name, e in expected.items():
+        assert_close_verbose(actual[name], e, atol=1e-5 * max(e.abs().max().item(), 1e-6), name=name)
+    kernels = {f"sam2_fast_ext.{name}.default" for name in ("attention_backward", "maxpool2x2_backward")}
+    if backend == "extension":
+        assert kernels <= backward_targets, f"backward graph lacks {kernels - backward_targets}"
