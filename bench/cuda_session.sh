@@ -4,8 +4,10 @@
 #   CALL=1 bash bench/cuda_session.sh   (about 8 minutes; BUDGET_S, default 480)
 #     1. install sam2_fast (editable), the reference `sam2` and its deps from wheels in .whl/ (no registry on the
 #        device), and build the C++/CUDA extension in the background;
-#     2. the Triton kernel tests on the GPU (model-sized shapes switch on there), in parallel with the build;
-#     3. the GPU tests: CUDA-graph capture, the extension's CUDA kernels, the whole encoder vs sam2 on the GPU;
+#     2. the Triton kernel tests on the GPU, forward and backward (model-sized shapes switch on there), in parallel
+#        with the build;
+#     3. the GPU tests: CUDA-graph capture, the extension's CUDA kernels, the whole encoder vs sam2 on the GPU, the
+#        encoder's gradients vs the float64 reference;
 #     4. benchmark, eager and captured: tiny, base_plus, large at 1024, batch 1 and 8, bf16 autocast and bf16 cast;
 #     5. the GPU profile (kernel time per category and GPU idle, the reference beside ours);
 #     6. benchmark, compiled in the default and reduce-overhead modes, both sides (base_plus 1024, batch 1 and 8).
@@ -16,10 +18,12 @@
 #        autotuning is bounded to ATen + Triton GEMM templates in the default search space, with its compile
 #        workers on every core, and the step has its own time limit;
 #     9. time to the first output in a fresh process: eager, torch.compile cold and warm, the reference compiled,
-#        the AOT package, capture.
+#        the AOT package, capture;
+#    10. the training step (forward + backward), reference vs sam2_fast with and without activation checkpointing:
+#        base_plus 1024, batch 4, bf16 autocast (whatever time is left, at most 60 s).
 #
 # STEPS overrides the call's step list (triton_tests gpu_tests bench_eager profile bench_compile gpu_compile_tests
-# bench_autotune cold_start); GPU_TESTS_K narrows the GPU tests (a pytest -k expression). Every step has its own time limit inside
+# bench_autotune cold_start train_step); GPU_TESTS_K narrows the GPU tests (a pytest -k expression). Every step has its own time limit inside
 # BUDGET_S, so a hang or a slow compile costs only its own step. Logs and results go to $OUT (default
 # ./cuda-session-out): log.txt, build.log, and one folder per benchmark; copy them under bench/results/ after.
 # Usage: CALL=1 bash bench/cuda_session.sh    (from the repository root, with python3 holding a CUDA torch; on a
@@ -33,7 +37,7 @@ if [[ "$CALL" == 1 ]]; then
     STEPS=${STEPS:-triton_tests gpu_tests bench_eager profile bench_compile}
 else
     BUDGET_S=${BUDGET_S:-240}
-    STEPS=${STEPS:-gpu_compile_tests bench_autotune cold_start}
+    STEPS=${STEPS:-gpu_compile_tests bench_autotune cold_start train_step}
 fi
 GPU_TESTS_K=${GPU_TESTS_K:-not compiled and not exported}
 wanted() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -77,7 +81,7 @@ $PY -c "import sam2, sam2_fast; print('sam2', sam2.__file__, 'sam2_fast', sam2_f
 if wanted triton_tests; then
     step "Triton kernel tests on the GPU"
     timeout "$(limit 150)" $PY -m pytest -q -p no:cacheprovider -p no:warnings $XDIST \
-        tests/test_triton_attention.py tests/test_triton_pool_fpn.py
+        tests/test_triton_attention.py tests/test_triton_pool_fpn.py tests/test_triton_backward.py
     echo "triton tests rc $?"
 fi
 
@@ -91,7 +95,7 @@ $PY -c "import sam2_fast; from sam2_fast import _extension; print('extension:', 
 if wanted gpu_tests; then
     step "GPU tests: capture, extension CUDA kernels, whole encoder vs sam2 on the GPU"
     timeout "$(limit 150)" $PY -m pytest -q -p no:cacheprovider -p no:warnings $XDIST -rP -m gpu -k "$GPU_TESTS_K" \
-        tests/test_capture.py tests/test_extension.py tests/test_gpu_model.py
+        tests/test_capture.py tests/test_extension.py tests/test_gpu_model.py tests/test_training.py
     echo "gpu tests rc $?"
 fi
 
@@ -142,6 +146,13 @@ if wanted cold_start; then
     timeout "$(limit 120)" $PY -m bench.cold_start --device cuda --config base_plus --size 1024 \
         --dtype bf16-autocast --out "$OUT/cold-start"
     echo "cold start rc $?"
+fi
+
+if wanted train_step; then
+    step "training step: base_plus 1024, batch 4, bf16 autocast, reference vs sam2_fast (+ checkpointing)"
+    timeout "$(limit 60)" $PY -m bench.train_step --device cuda --configs base_plus --sizes 1024 --batch 4 \
+        --dtypes bf16-autocast --repeats 3 --out "$OUT/train-step"
+    echo "train step rc $?"
 fi
 
 step "summary"
