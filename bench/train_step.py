@@ -25,6 +25,9 @@ from pathlib import Path
 from typing import Callable, Dict, List
 
 import torch
+from tqdm import tqdm
+
+from .measure import cpu_line
 
 IMPLS = ("reference", "sam2_fast", "sam2_fast+ckpt")
 DTYPES = ("fp32", "bf16-autocast")
@@ -62,31 +65,44 @@ def peak_bytes(step: Callable[[], None], device: torch.device) -> int:
 
 
 def measure_case(config: str, size: int, batch: int, dtype: str, impls: List[str], repeats: int,
-                 device: torch.device) -> List[dict]:
-    """Rows (one per impl) of one (config, size, batch, dtype): seconds per step and peak memory."""
+                 device: torch.device, progress: tqdm) -> List[dict]:
+    """Rows (one per impl) of one (config, size, batch, dtype): seconds per step and peak memory. ``progress``
+    advances by one per step run (:func:`steps_per_case` of them)."""
     from bench.measure import summarize, synchronize, time_calls
     from bench.workloads import seeded_image, short_name
 
+    case = f"{short_name(config)} {size} b{batch} {dtype}"
     image = seeded_image(batch, size, device)
     steps = {impl: build_step(config, impl, dtype, image) for impl in impls}
-    for step in steps.values():
+    for impl, step in steps.items():
+        progress.set_postfix_str(f"{case} {impl}: warm-up")
         step()
+        progress.update()
     seconds: Dict[str, List[float]] = {impl: [] for impl in impls}
     for _ in range(repeats):
         for impl, step in steps.items():
+            progress.set_postfix_str(f"{case} {impl}: timing")
             seconds[impl].append(time_calls(step, device))
+            progress.update()
     synchronize(device)
     rows = []
     for impl in impls:
+        progress.set_postfix_str(f"{case} {impl}: memory")
         stats = summarize(seconds[impl])
         rows.append({"config": short_name(config), "size": size, "batch": batch, "dtype": dtype, "impl": impl,
                      "s_per_step": stats, "samples_s": seconds[impl], "peak_bytes": peak_bytes(steps[impl], device)})
+        progress.update()
     reference = next((row for row in rows if row["impl"] == "reference"), None)
     for row in rows:
         row["speedup_vs_reference"] = (reference["s_per_step"]["median"] / row["s_per_step"]["median"]
                                        if reference else None)
         row["memory_vs_reference"] = row["peak_bytes"] / reference["peak_bytes"] if reference else None
     return rows
+
+
+def steps_per_case(num_impls: int, repeats: int) -> int:
+    """Steps :func:`measure_case` runs: a warm-up, ``repeats`` timed and one memory step per implementation."""
+    return num_impls * (repeats + 2)
 
 
 def markdown(rows: List[dict], meta: dict) -> str:
@@ -109,8 +125,10 @@ def markdown(rows: List[dict], meta: dict) -> str:
             f"{row['peak_bytes'] / 2**20:.0f} | {memory} |"
         )
     backward = ", ".join(f"{op} {how}" for op, how in meta["active_backward"].items())
-    lines += ["", f"sam2_fast's backward per op: {backward}.", "",
-              "Environment: " + ", ".join(f"{k} {v}" for k, v in meta["environment"].items()), ""]
+    lines += ["", f"sam2_fast's backward per op: {backward}.", ""]
+    if meta["environment"].get("device_type") == "cpu":
+        lines += [f"{cpu_line(meta['environment'])}.", ""]
+    lines += ["Environment: " + ", ".join(f"{k} {v}" for k, v in meta["environment"].items()), ""]
     return "\n".join(lines)
 
 
@@ -141,14 +159,14 @@ def main(argv=None) -> None:
             parser.error(f"unknown {name} {sorted(set(values) - set(allowed))}: expected some of {', '.join(allowed)}")
     device = torch.device(args.device)
     rows = []
-    for config in configs:
-        for size in sizes:
-            for dtype in dtypes:
-                case = measure_case(config, size, batch, dtype, impls, args.repeats, device)
-                for row in case:
-                    print(f"{row['config']} {size} b{batch} {dtype} {row['impl']}: "
-                          f"{row['s_per_step']['median']:.3f} s/step, {row['peak_bytes'] / 2**20:.0f} MiB")
-                rows += case
+    cases = [(config, size, dtype) for config in configs for size in sizes for dtype in dtypes]
+    with tqdm(total=len(cases) * steps_per_case(len(impls), args.repeats), desc="train step", unit="step") as progress:
+        for config, size, dtype in cases:
+            case = measure_case(config, size, batch, dtype, impls, args.repeats, device, progress)
+            for row in case:
+                progress.write(f"{row['config']} {size} b{batch} {dtype} {row['impl']}: "
+                               f"{row['s_per_step']['median']:.3f} s/step, {row['peak_bytes'] / 2**20:.0f} MiB")
+            rows += case
     meta = {
         "argv": " ".join(argv if argv is not None else __import__("sys").argv[1:]),
         "repeats": args.repeats, "device_name": device_name(device),

@@ -42,3 +42,20 @@ def test_markdown_table_has_one_row_per_impl_with_ratios():
     text = train_step.markdown(rows, meta)
     assert "| tiny | 512 | 2 | fp32 | sam2_fast | 2.000 | 1.900-2.100 | 1.25x | 50 | 0.50x |" in text
     assert "window_attention extension kernel" in text and "a CPU" in text
+
+
+def test_measure_case_runs_every_impl_and_counts_its_steps():
+    import io
+
+    from tqdm import tqdm
+
+    impls, repeats = list(train_step.IMPLS), 1
+    with tqdm(total=train_step.steps_per_case(len(impls), repeats), file=io.StringIO()) as progress:
+        rows = train_step.measure_case("tiny", 64, 1, "fp32", impls, repeats, torch.device("cpu"), progress)
+        assert progress.n == progress.total
+    assert [row["impl"] for row in rows] == impls
+    reference, fast, checkpointed = rows
+    assert reference["speedup_vs_reference"] == 1.0 and reference["memory_vs_reference"] == 1.0
+    assert all(row["peak_bytes"] > 0 and len(row["samples_s"]) == repeats for row in rows)
+    # Checkpointing keeps only each block's input: less live memory than the same encoder without it.
+    assert checkpointed["peak_bytes"] < fast["peak_bytes"]
