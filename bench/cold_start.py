@@ -138,7 +138,7 @@ def main(argv=None) -> None:
     import torch
     from tqdm import tqdm
 
-    from bench.measure import device_name, device_slug, environment
+    from bench.measure import device_name, environment, write_rows_and_markdown
 
     device = torch.device(args.device)
     paths = args.paths.split(",") if args.paths else [p for p in PATHS if p != "capture" or args.device == "cuda"]
@@ -156,14 +156,7 @@ def main(argv=None) -> None:
     meta = {"config": args.config, "size": args.size, "batch": args.batch, "dtype": args.dtype,
             "compile_mode": args.compile_mode, "export_s": export_s, "device_name": device_name(device),
             "environment": environment(device)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"cold-start-{device_slug(device)}"
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    text = markdown(rows, meta)
-    stem.with_suffix(".md").write_text(text)
-    print(text)
-    print(f"wrote {stem}.md and .json")
+    write_rows_and_markdown(args.out, "cold-start", device, meta, rows, markdown(rows, meta))
 
 
 if __name__ == "__main__":

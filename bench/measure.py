@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -328,3 +329,17 @@ def rooflines(device: torch.device) -> Dict[str, object]:
 
 def dtype_label(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+
+
+def write_rows_and_markdown(out: str, name: str, device: torch.device, meta: dict, rows: list, text: str) -> Path:
+    """Writes ``<out>/<name>-<device slug>.json`` (``{"meta": meta, "rows": rows}``) and ``.md`` (``text``), prints
+    the markdown and the paths; returns the common stem."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = folder / f"{name}-{device_slug(device)}"
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    stem.with_suffix(".md").write_text(text)
+    print(text)
+    print(f"wrote {stem}.md and .json")
+    return stem
+

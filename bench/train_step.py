@@ -20,8 +20,6 @@ Writes ``<out>/train-step-<device>.md`` and ``.json``.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 from typing import Callable, Dict, List
 
 import torch
@@ -146,7 +144,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     import sam2_fast
-    from bench.measure import CUDA_MEMORY_METHOD, device_name, device_slug, environment
+    from bench.measure import CUDA_MEMORY_METHOD, device_name, environment, write_rows_and_markdown
 
     on_gpu = args.device == "cuda"
     configs = (args.configs or ("base_plus" if on_gpu else "tiny,base_plus")).split(",")
@@ -175,14 +173,7 @@ def main(argv=None) -> None:
             "counter"),
         "active_backward": sam2_fast.active_backward(device.type), "environment": environment(device),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"train-step-{device_slug(device)}"
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    text = markdown(rows, meta)
-    stem.with_suffix(".md").write_text(text)
-    print(text)
-    print(f"wrote {stem}.md and .json")
+    write_rows_and_markdown(args.out, "train-step", device, meta, rows, markdown(rows, meta))
 
 
 if __name__ == "__main__":

@@ -11,9 +11,7 @@ compiled, the one with the largest tiles (5 minutes cold with fp16 too, less wit
 ``SAM2_FAST_AOT_EVERY_VARIANT=1`` compiles all of them.
 """
 
-import concurrent.futures
 import importlib
-import multiprocessing
 import os
 
 import pytest
@@ -21,29 +19,15 @@ import pytest
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("the interpreter replaces @triton.jit kernels, which then cannot be compiled", allow_module_level=True)
 triton = pytest.importorskip("triton", reason="triton is not installed: nothing to compile")
+from triton_aot import MAX_SHARED_BYTES, assert_fits_shared_memory, compile_in_workers, compile_kernel  # noqa: E402
 
 KERNEL_MODULES = (
     "sam2_fast.kernels.attention_backward", "sam2_fast.kernels.maxpool2x2_backward",
     "sam2_fast.kernels.fpn_upsample_add_backward",
 )
-# Shared memory per block an SM can give one program (the opt-in maximum), in bytes: A100 and H100.
-MAX_SHARED_BYTES = {80: 166912, 90: 232448}
-
-
 def _compile_variant(module_name: str, variant_name: str, capability: int) -> int:
-    """Compile one variant for one capability; return its shared memory use in bytes."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     variants = {name: rest for name, *rest in importlib.import_module(module_name).aot_variants()}
-    kernel, signature, constexprs, options = variants[variant_name]
-    compiled = triton.compile(
-        ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-        target=GPUTarget("cuda", capability, 32),
-        options=options,
-    )
-    assert compiled.asm.get("cubin"), f"{variant_name}: no cubin for sm_{capability}"
-    return compiled.metadata.shared
+    return compile_kernel(variant_name, *variants[variant_name], capability)
 
 
 EVERY_VARIANT = os.environ.get("SAM2_FAST_AOT_EVERY_VARIANT") == "1"
@@ -88,17 +72,7 @@ def test_aot_variants_cover_the_configs():
 
 
 def test_aot_compile_fits_shared_memory():
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default; set to silence triton 3.9's warning
     jobs = [(module, name, capability) for module, name in _variants_to_compile()
             for capability in sorted(MAX_SHARED_BYTES)]
-    context = multiprocessing.get_context("spawn")  # workers must not inherit a CUDA context
-    with concurrent.futures.ProcessPoolExecutor(max_workers=os.cpu_count() or 1, mp_context=context) as pool:
-        shared = dict(zip(jobs, pool.map(_compile_variant, *zip(*jobs))))
-    report = "\n".join(f"  sm_{cap} {name}: {used} bytes" for (_, name, cap), used in shared.items())
-    print(f"compiled {len(jobs)} variants:\n{report}")
-    too_big = {
-        f"{name} on sm_{cap}": f"{used} > {MAX_SHARED_BYTES[cap]}"
-        for (_, name, cap), used in shared.items()
-        if used > MAX_SHARED_BYTES[cap]
-    }
-    assert not too_big, f"variants over the shared-memory limit: {too_big}"
+    shared = compile_in_workers(_compile_variant, jobs)
+    assert_fits_shared_memory([name for _, name, _ in jobs], [cap for *_, cap in jobs], shared)

@@ -9,9 +9,7 @@ inductor uses (functionalization + make_fx), and the test checks that
 - the launches compile for sm_80 and sm_90 with exactly the arguments the trace recorded.
 """
 
-import concurrent.futures
 import importlib
-import multiprocessing
 import os
 
 import pytest
@@ -23,11 +21,10 @@ triton = pytest.importorskip("triton")
 
 import sam2_fast  # noqa: E402
 from sam2_fast import ops  # noqa: E402
+from triton_aot import MAX_SHARED_BYTES, assert_fits_shared_memory, compile_in_workers, compile_kernel  # noqa: E402
 
 KERNEL_MODULES = ("window_attention", "global_attention", "maxpool2x2", "fpn_upsample_add")
 TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-# Shared memory per block an SM can give one program (the opt-in maximum), in bytes: A100, H100.
-MAX_SHARED_BYTES = {80: 166912, 90: 232448}
 
 
 def _traced_launches(fn, *example_args):
@@ -145,28 +142,14 @@ def test_traced_launches_are_the_aot_compiled_variants(label, dtype):
 
 
 def _compile_traced(label: str, dtype_name: str, capability: int) -> int:
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     ops._triton_runs_on = lambda device_type: device_type == "cuda"
     dtype = {name: d for d, name in TRITON_DTYPE_NAMES.items()}[dtype_name]
     fn, example_args = _model_calls(dtype)[label]
     ((kernel, arguments, options),) = _traced_launches(fn, *example_args)[0]
-    signature, constexprs = _signature(kernel, arguments)
-    compiled = triton.compile(
-        ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-        target=GPUTarget("cuda", capability, 32), options=options,
-    )
-    return compiled.metadata.shared
+    return compile_kernel(label, kernel, *_signature(kernel, arguments), options, capability)
 
 
 def test_traced_launches_compile_for_sm80_and_sm90():
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default; set to silence triton 3.9's warning
-    jobs = [(label, "bf16", capability) for label in _model_calls(torch.bfloat16) for capability in (80, 90)]
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=os.cpu_count() or 1, mp_context=context) as pool:
-        shared = list(pool.map(_compile_traced, *zip(*jobs)))
-    report = [f"  sm_{cap} {label}: {used} bytes of shared memory" for (label, _, cap), used in zip(jobs, shared)]
-    print("\n".join(report))
-    too_big = [line for line, (_, _, cap), used in zip(report, jobs, shared) if used > MAX_SHARED_BYTES[cap]]
-    assert not too_big, f"over the shared-memory limit: {too_big}"
+    jobs = [(label, "bf16", capability) for label in _model_calls(torch.bfloat16) for capability in MAX_SHARED_BYTES]
+    shared = compile_in_workers(_compile_traced, jobs)
+    assert_fits_shared_memory([label for label, *_ in jobs], [cap for *_, cap in jobs], shared)

@@ -11,14 +11,10 @@ import pytest
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("the interpreter replaces @triton.jit kernels, which then cannot be compiled", allow_module_level=True)
 triton = pytest.importorskip("triton")
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from triton_aot import MAX_SHARED_BYTES, compile_kernel  # noqa: E402
 
 # By module path: the package re-exports each launcher under its module's name.
 KERNEL_MODULES = [importlib.import_module(f"sam2_fast.kernels.{name}") for name in ("maxpool2x2", "fpn_upsample_add")]
-
-# Shared memory per block (opt-in maximum) of each target: A100 and H100.
-SHARED_MEMORY_LIMITS = {80: 166912, 90: 232448}
 
 
 def _variants():
@@ -51,13 +47,11 @@ def test_variants_cover_both_kernels():
     assert len(names) == len(set(names)), "two distinct variants share a name"
 
 
-@pytest.mark.parametrize("capability", sorted(SHARED_MEMORY_LIMITS), ids=lambda capability: f"sm_{capability}")
+@pytest.mark.parametrize("capability", sorted(MAX_SHARED_BYTES), ids=lambda capability: f"sm_{capability}")
 @pytest.mark.parametrize("variant", VARIANTS, ids=[variant[0] for variant in VARIANTS])
 def test_aot_compile(variant, capability):
     name, kernel, signature, constexprs, num_warps = variant
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=_divisibility_attrs(signature))
-    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})
-    assert compiled.asm.get("cubin"), f"{name}: no cubin for sm_{capability}"
-    shared = compiled.metadata.shared
-    limit = SHARED_MEMORY_LIMITS[capability]
+    shared = compile_kernel(name, kernel, signature, constexprs, {"num_warps": num_warps}, capability,
+                            attrs=_divisibility_attrs(signature))
+    limit = MAX_SHARED_BYTES[capability]
     assert shared <= limit, f"{name}: needs {shared} bytes of shared memory, sm_{capability} has {limit}"
