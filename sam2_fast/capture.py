@@ -151,7 +151,8 @@ class CudaGraphImageEncoder(ImageEncoder):
         key = (
             self._registrations_seen,
             tuple((t.data_ptr(), t.dtype) for t in (self._tensors[:1] + self._tensors[-1:])),
-            tuple((t.data_ptr(), t._version) for t in self._cache_sources),
+            # An inference tensor has no version counter; the modules do not cache what they compute from one.
+            tuple((t.data_ptr(), None if t.is_inference() else t._version) for t in self._cache_sources),
         )
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in self._tensors)
         return key, needs_grad

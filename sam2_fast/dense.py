@@ -57,7 +57,8 @@ _PACKED_BF16_WEIGHTS = WeakIdKeyDictionary()
 
 def _packs_bf16(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     """Whether ``linear(x, weight, bias)`` runs on a prepacked bf16 weight: eager CPU inference computing in bf16
-    (bf16 weights, or bf16 autocast) where the CPU has bf16 units and oneDNN is enabled."""
+    (bf16 weights, or bf16 autocast) where the CPU has bf16 units and oneDNN is enabled. Not for a weight created
+    under ``torch.inference_mode``: it has no version counter, so its pack could not follow in-place updates."""
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
     return (
         dtype == torch.bfloat16
@@ -66,6 +67,7 @@ def _packs_bf16(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         and not torch.compiler.is_compiling()
         and not _needs_grad(x, weight, bias)
         and type(x) is torch.Tensor
+        and not weight.is_inference()
         and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
     )

@@ -344,6 +344,10 @@ class Hiera(nn.Module):
         """The (1, h, w, C) positional embedding; cached for inference, recomputed while it can take gradients."""
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and self.pos_embed.requires_grad):
             return self._compute_pos_embed(hw)
+        if self.pos_embed.is_inference() or self.pos_embed_window.is_inference():
+            # Weights created under torch.inference_mode have no version counter, so a cache could not see them
+            # change in place: computed per call, as the reference does.
+            return self._compute_pos_embed(hw)
         # The versions change on in-place updates (load_state_dict, optimizer steps), the data pointers on .to().
         key = (
             tuple(hw), self.pos_embed.device, self.pos_embed.data_ptr(), self.pos_embed._version,

@@ -7,7 +7,10 @@ import torch
 
 from sam2_fast.configs import CONFIGS
 
-from helpers import check_fp32_outputs, check_low_precision_outputs, encoder_pair, run_encoder as _run
+from helpers import (
+    assert_close_verbose, check_fp32_outputs, check_low_precision_outputs, encoder_pair, flat_outputs, run_encoder as _run,
+    seeded_state,
+)
 
 ALL_CONFIGS = list(CONFIGS)
 
@@ -83,3 +86,37 @@ def test_autocast_trunk_stages_keep_the_reference_dtypes(autocast_dtype):
         expected, actual = reference.trunk(x), ours.trunk(x)
     assert [t.dtype for t in actual] == [t.dtype for t in expected]
     assert [t.shape for t in actual] == [t.shape for t in expected]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_encoder_built_under_inference_mode(dtype):
+    # Weights created under torch.inference_mode are inference tensors, which have no version counter: the cached
+    # positional embedding and the prepacked bf16 weights must not rely on one, and must still follow an in-place
+    # update made there. The reference, built the same way, is the truth.
+    from sam2_fast import build_image_encoder
+    from sam2_fast.reference import build_reference_encoder
+
+    name = "sam2.1_hiera_tiny"
+    state = seeded_state(name)
+    x = torch.randn(1, 3, 96, 160, generator=torch.Generator().manual_seed(9)).to(dtype)
+    check = check_fp32_outputs if dtype == torch.float32 else _assert_same_dtypes_and_close_in_bf16
+    with torch.inference_mode():
+        reference, ours = build_reference_encoder(name), build_image_encoder(name)
+        for model in (reference, ours):
+            model.load_state_dict(state)
+            model.to(dtype).eval()
+        assert ours.trunk.pos_embed.is_inference() and ours.trunk.blocks[0].mlp.layers[0].weight.is_inference()
+        check(reference(x), ours(x))
+        for model in (reference, ours):
+            model.trunk.pos_embed.mul_(0.5)
+            model.trunk.blocks[0].mlp.layers[0].weight.mul_(0.5)
+        check(reference(x), ours(x))
+
+
+def _assert_same_dtypes_and_close_in_bf16(reference_out: dict, ours_out: dict) -> None:
+    # Both sides compute in bf16 with their own rounding points; within a few bf16 ulps of the outputs' magnitude is
+    # what a wrong (stale) cached embedding or weight would break by far (a factor of 2 on those tensors).
+    for (name, expected), (_, actual) in zip(flat_outputs(reference_out), flat_outputs(ours_out)):
+        assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != reference {expected.dtype}"
+        scale = expected.float().abs().max().item()
+        assert_close_verbose(actual.float(), expected.float(), atol=0.05 * scale, name=name)
