@@ -79,28 +79,7 @@ SAM2_FAST_MULTIVERSION
 void softmax_rows_f32(float* scores, int64_t rows, int64_t n, int64_t ld) {
   for (int64_t i = 0; i < rows; ++i) {
     float* row = scores + i * ld;
-    const int64_t full = n - n % kLanes;
-    vec8 max_vec = broadcast(-INFINITY);
-    for (int64_t j = 0; j < full; j += kLanes) {
-      const vec8 s = load(row + j);
-      max_vec = s > max_vec ? s : max_vec;
-    }
-    float row_max = -INFINITY;
-    for (int64_t lane = 0; lane < kLanes; ++lane) row_max = std::fmax(row_max, max_vec[lane]);
-    for (int64_t j = full; j < n; ++j) row_max = std::fmax(row_max, row[j]);
-    vec8 sum_vec = {};
-    for (int64_t j = 0; j < full; j += kLanes) {
-      const vec8 p = exp_nonpositive(load(row + j) - row_max);
-      store(row + j, p);
-      sum_vec += p;
-    }
-    float sum = 0.0f;
-    for (int64_t lane = 0; lane < kLanes; ++lane) sum += sum_vec[lane];
-    for (int64_t j = full; j < n; ++j) {
-      row[j] = std::exp(row[j] - row_max);
-      sum += row[j];
-    }
-    const float inverse = 1.0f / sum;
+    const float inverse = 1.0f / exp_shifted_in_place(row, n);
     for (int64_t j = 0; j < n; ++j) row[j] *= inverse;
   }
 }

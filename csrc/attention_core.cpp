@@ -60,22 +60,7 @@ void attention_f32(
       for (int64_t j = 0; j < num_keys; ++j) row[j] += key_logit_offsets[j];
     }
     for (int64_t j = num_keys; j < key_stride; ++j) row[j] = -INFINITY;
-    vec8 max_vec = broadcast(-INFINITY);
-    for (int64_t j = 0; j < key_stride; j += kLanes) {
-      const vec8 s = load(row + j);
-      max_vec = s > max_vec ? s : max_vec;
-    }
-    float row_max = max_vec[0];
-    for (int64_t lane = 1; lane < kLanes; ++lane) row_max = std::fmax(row_max, max_vec[lane]);
-    vec8 sum_vec = {};
-    for (int64_t j = 0; j < key_stride; j += kLanes) {
-      const vec8 p = exp_nonpositive(load(row + j) - row_max);
-      store(row + j, p);
-      sum_vec += p;
-    }
-    float sum = 0.0f;
-    for (int64_t lane = 0; lane < kLanes; ++lane) sum += sum_vec[lane];
-    inverse_sums[i] = 1.0f / sum;
+    inverse_sums[i] = 1.0f / exp_shifted_in_place(row, key_stride);
   }
 
   // Value-block outer: the values panel of a block (num_keys x kColumnBlock) stays in cache across all query rows.

@@ -1,6 +1,9 @@
 // exp of 8 floats at once, for the CPU attention kernels' softmax (forward and backward).
 #pragma once
 
+#include <cmath>
+#include <cstdint>
+
 #include "vec8.h"
 
 namespace sam2_fast {
@@ -23,6 +26,33 @@ SAM2_FAST_INLINE vec8 exp_nonpositive(vec8 x) {
   const ivec8 exponent = ((ivec8)shifted - (ivec8)magic) << 23;
   const vec8 result = (vec8)((ivec8)p + exponent);
   return x < -87.0f ? vec8{} : result;
+}
+
+// row[0:n] = exp(row[j] - max(row[0:n])) in place; returns the sum of the new row (a softmax's denominator). Eight
+// lanes at a time, then the n % 8 tail one by one.
+SAM2_FAST_INLINE float exp_shifted_in_place(float* row, int64_t n) {
+  const int64_t full = n - n % kLanes;
+  vec8 max_vec = broadcast(-INFINITY);
+  for (int64_t j = 0; j < full; j += kLanes) {
+    const vec8 s = load(row + j);
+    max_vec = s > max_vec ? s : max_vec;
+  }
+  float row_max = -INFINITY;
+  for (int64_t lane = 0; lane < kLanes; ++lane) row_max = std::fmax(row_max, max_vec[lane]);
+  for (int64_t j = full; j < n; ++j) row_max = std::fmax(row_max, row[j]);
+  vec8 sum_vec = {};
+  for (int64_t j = 0; j < full; j += kLanes) {
+    const vec8 p = exp_nonpositive(load(row + j) - row_max);
+    store(row + j, p);
+    sum_vec += p;
+  }
+  float sum = 0.0f;
+  for (int64_t lane = 0; lane < kLanes; ++lane) sum += sum_vec[lane];
+  for (int64_t j = full; j < n; ++j) {
+    row[j] = std::exp(row[j] - row_max);
+    sum += row[j];
+  }
+  return sum;
 }
 
 }  // namespace sam2_fast
