@@ -89,13 +89,18 @@ def _check_device(tensor: torch.Tensor, name: str) -> None:
         )
 
 
-def maxpool2x2(x: torch.Tensor) -> torch.Tensor:
-    """2x2 max-pool, stride 2, floor, of a channels-last (B, H, W, C) map -> contiguous (B, H // 2, W // 2, C)."""
+def _check_map(x: torch.Tensor) -> None:
+    """Raise a clear error for an input map the kernels cannot pool (or route a pooled gradient back to)."""
     if x.dim() != 4:
         raise ValueError(f"expected a channels-last map of shape (B, H, W, C), got shape {tuple(x.shape)}")
     if x.dtype not in _DTYPES:
         raise TypeError(f"expected x of dtype float32, bfloat16 or float16, got {x.dtype}")
     _check_device(x, "x")
+
+
+def maxpool2x2(x: torch.Tensor) -> torch.Tensor:
+    """2x2 max-pool, stride 2, floor, of a channels-last (B, H, W, C) map -> contiguous (B, H // 2, W // 2, C)."""
+    _check_map(x)
     batch, height, width, channels = x.shape
     out_height, out_width = height // 2, width // 2
     out = torch.empty((batch, out_height, out_width, channels), dtype=x.dtype, device=x.device)

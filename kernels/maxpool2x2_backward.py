@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .launch import launchable
-from .maxpool2x2 import _DTYPES, _NUM_WARPS, _TRITON_DTYPE_NAMES, _block_sizes, _check_device
+from .maxpool2x2 import _DTYPES, _NUM_WARPS, _TRITON_DTYPE_NAMES, _block_sizes, _check_map
 
 
 @triton.jit
@@ -56,11 +56,7 @@ def _maxpool2x2_backward_kernel(
 
 def maxpool2x2_backward(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The gradient of ``maxpool2x2(x)`` given that of its output: a contiguous (B, H, W, C) map of x's dtype."""
-    if x.dim() != 4:
-        raise ValueError(f"expected x of shape (B, H, W, C), got shape {tuple(x.shape)}")
-    if x.dtype not in _DTYPES:
-        raise TypeError(f"expected x of dtype float32, bfloat16 or float16, got {x.dtype}")
-    _check_device(x, "x")
+    _check_map(x)
     batch, height, width, channels = x.shape
     out_height, out_width = height // 2, width // 2
     if grad_out.shape != (batch, out_height, out_width, channels) or grad_out.dtype != x.dtype:
