@@ -26,7 +26,8 @@ from ..op_shapes import queries_per_window
 from ..torch_ops import add_qkv_bias
 from .launch import launchable
 from .window_attention import (
-    _LOG2_E, TRITON_DTYPES, LaunchConfig, _load_query_rows, _load_token_rows, check_qkv, dot_in_fp32, padded_head_dim,
+    _LOG2_E, LaunchConfig, _head_fills, _head_pointers, _load_query_rows, _load_token_rows, check_qkv, dot_in_fp32,
+    in_every_dtype, padded_head_dim,
 )
 
 
@@ -67,21 +68,6 @@ def _window_of(program, blocks_per_window, window_cols, height, width, WINDOW: t
 
 
 @triton.jit
-def _head_fills(bias_ptr, head, dim, offs_d, d_mask, dtype, HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                BLOCK_D: tl.constexpr):
-    """The q, k and v of this head's padding tokens (its channels of the qkv bias, or zeros)."""
-    if HAS_BIAS:
-        q_fill = tl.load(bias_ptr + head * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
-        k_fill = tl.load(bias_ptr + dim + head * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
-        v_fill = tl.load(bias_ptr + 2 * dim + head * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
-    else:
-        q_fill = tl.zeros([BLOCK_D], dtype=dtype)
-        k_fill = q_fill
-        v_fill = q_fill
-    return q_fill, k_fill, v_fill
-
-
-@triton.jit
 def _attention_backward_dq_kernel(
     qkv_ptr, bias_ptr, out_ptr, grad_out_ptr, grad_qkv_ptr, lse_ptr, delta_ptr,
     height, width, out_height, out_width, window_cols, dim, num_queries, query_blocks, slots_per_head,
@@ -107,13 +93,7 @@ def _attention_backward_dq_kernel(
     q_block, window, window_y, window_x, num_keys, keys_per_row = _window_of(
         tl.program_id(0), query_blocks, window_cols, height, width, WINDOW, GLOBAL
     )
-    head = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    q_ptr = qkv_ptr + batch * stride_qkv_b + head * HEAD_DIM
-    k_ptr = q_ptr + dim
-    v_ptr = k_ptr + dim
+    head, batch, offs_d, d_mask, q_ptr, k_ptr, v_ptr = _head_pointers(qkv_ptr, stride_qkv_b, dim, HEAD_DIM, BLOCK_D)
     q_fill, k_fill, v_fill = _head_fills(bias_ptr, head, dim, offs_d, d_mask, qkv_ptr.dtype.element_ty, HEAD_DIM,
                                          HAS_BIAS, BLOCK_D)
 
@@ -211,13 +191,7 @@ def _attention_backward_dkdv_kernel(
     k_block, window, window_y, window_x, num_keys, keys_per_row = _window_of(
         tl.program_id(0), key_blocks, window_cols, height, width, WINDOW, GLOBAL
     )
-    head = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    q_ptr = qkv_ptr + batch * stride_qkv_b + head * HEAD_DIM
-    k_ptr = q_ptr + dim
-    v_ptr = k_ptr + dim
+    head, batch, offs_d, d_mask, q_ptr, k_ptr, v_ptr = _head_pointers(qkv_ptr, stride_qkv_b, dim, HEAD_DIM, BLOCK_D)
     q_fill, k_fill, v_fill = _head_fills(bias_ptr, head, dim, offs_d, d_mask, qkv_ptr.dtype.element_ty, HEAD_DIM,
                                          HAS_BIAS, BLOCK_D)
 
@@ -359,33 +333,27 @@ def _attention_shapes() -> Iterator[Tuple[int, bool, int]]:
 def aot_variants() -> Iterator[Tuple[str, object, dict, dict, dict]]:
     """(name, kernel, signature, constexprs, launch options) of both backward kernels for every attention block of
     the configs, in fp16, bf16 and fp32, with the qkv bias windows have (global blocks: none); duplicates once."""
-    seen = set()
-    for window_size, q_pool, head_dim in _attention_shapes():
-        for dtype, triton_dtype in TRITON_DTYPES.items():
-            key = (window_size, q_pool, head_dim, triton_dtype)
-            if key in seen:
-                continue
-            seen.add(key)
-            config = backward_blocks(window_size, q_pool, head_dim, dtype)
-            constexprs = dict(
-                WINDOW=window_size, Q_POOL=q_pool, HEAD_DIM=head_dim, HAS_BIAS=window_size > 0,
-                GLOBAL=window_size == 0, DOT_IN_FP32=dtype == torch.float32, BLOCK_M=config.block_m,
-                BLOCK_N=config.block_n, BLOCK_D=config.block_d,
-            )
-            sizes = ("height", "width", "out_height", "out_width", "window_cols", "dim", "num_queries", "query_blocks")
-            strides = ("stride_qkv_b", "stride_qkv_h", "stride_qkv_w", "stride_out_b", "stride_out_h", "stride_out_w")
-            shape = f"w{window_size}{'_qpool' if q_pool else ''}" if window_size else "global"
-            for kernel, pointers, counts in (
-                (_attention_backward_dq_kernel, ("qkv", "bias", "out", "grad_out", "grad_qkv"), ()),
-                (_attention_backward_dkdv_kernel, ("qkv", "bias", "grad_out", "grad_qkv"), ("key_blocks",)),
-            ):
-                signature = {f"{name}_ptr": f"*{triton_dtype}" for name in pointers}
-                if kernel is _attention_backward_dkdv_kernel:
-                    signature["grad_bias_ptr"] = "*fp32"
-                signature.update(lse_ptr="*fp32", delta_ptr="*fp32")
-                signature.update({name: "i32" for name in (*sizes, *counts, "slots_per_head", *strides)})
-                signature.update(qk_scale="fp32", sm_scale="fp32")
-                signature.update({name: "constexpr" for name in constexprs})
-                part = "dq" if kernel is _attention_backward_dq_kernel else "dkdv"
-                yield (f"attention_backward_{part}_{shape}_hd{head_dim}_{triton_dtype}", kernel, signature,
-                       constexprs, config.options())
+    for window_size, q_pool, head_dim, dtype, triton_dtype in in_every_dtype(_attention_shapes()):
+        config = backward_blocks(window_size, q_pool, head_dim, dtype)
+        constexprs = dict(
+            WINDOW=window_size, Q_POOL=q_pool, HEAD_DIM=head_dim, HAS_BIAS=window_size > 0,
+            GLOBAL=window_size == 0, DOT_IN_FP32=dtype == torch.float32, BLOCK_M=config.block_m,
+            BLOCK_N=config.block_n, BLOCK_D=config.block_d,
+        )
+        sizes = ("height", "width", "out_height", "out_width", "window_cols", "dim", "num_queries", "query_blocks")
+        strides = ("stride_qkv_b", "stride_qkv_h", "stride_qkv_w", "stride_out_b", "stride_out_h", "stride_out_w")
+        shape = f"w{window_size}{'_qpool' if q_pool else ''}" if window_size else "global"
+        for kernel, pointers, counts in (
+            (_attention_backward_dq_kernel, ("qkv", "bias", "out", "grad_out", "grad_qkv"), ()),
+            (_attention_backward_dkdv_kernel, ("qkv", "bias", "grad_out", "grad_qkv"), ("key_blocks",)),
+        ):
+            signature = {f"{name}_ptr": f"*{triton_dtype}" for name in pointers}
+            if kernel is _attention_backward_dkdv_kernel:
+                signature["grad_bias_ptr"] = "*fp32"
+            signature.update(lse_ptr="*fp32", delta_ptr="*fp32")
+            signature.update({name: "i32" for name in (*sizes, *counts, "slots_per_head", *strides)})
+            signature.update(qk_scale="fp32", sm_scale="fp32")
+            signature.update({name: "constexpr" for name in constexprs})
+            part = "dq" if kernel is _attention_backward_dq_kernel else "dkdv"
+            yield (f"attention_backward_{part}_{shape}_hd{head_dim}_{triton_dtype}", kernel, signature,
+                   constexprs, config.options())

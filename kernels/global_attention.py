@@ -15,8 +15,8 @@ import triton.language as tl
 
 from .launch import launchable
 from .window_attention import (
-    _LOG2_E, TRITON_DTYPES, LaunchConfig, _attend, _load_query_rows, check_qkv, dot_in_fp32, max_block_n,
-    padded_head_dim,
+    _LOG2_E, TRITON_DTYPES, LaunchConfig, _attend, _head_pointers, _load_query_rows, check_qkv, dot_in_fp32,
+    max_block_n, padded_head_dim,
 )
 
 
@@ -42,13 +42,7 @@ def _global_attention_kernel(
     head.
     """
     POOL: tl.constexpr = 2 if Q_POOL else 1
-    head = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    q_ptr = qkv_ptr + batch * stride_qkv_b + head * HEAD_DIM
-    k_ptr = q_ptr + dim
-    v_ptr = k_ptr + dim
+    head, batch, offs_d, d_mask, q_ptr, k_ptr, v_ptr = _head_pointers(qkv_ptr, stride_qkv_b, dim, HEAD_DIM, BLOCK_D)
     no_fill = tl.zeros([BLOCK_D], dtype=qkv_ptr.dtype.element_ty)
 
     query = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Iterator, NamedTuple, Optional, Tuple
+from typing import Iterable, Iterator, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -31,6 +31,35 @@ def dot_in_fp32(dtype: torch.dtype) -> bool:
     every dtype does, because the interpreter's ``tl.dot`` on bf16 operands returns wrong values.
     """
     return dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _head_pointers(qkv_ptr, stride_qkv_b, dim, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's head (grid axis 1) and image (axis 2), the head's channel offsets padded to BLOCK_D and their
+    mask, and where its q, k and v channels start in the image's qkv map (last dim split as (3, heads, HEAD_DIM))."""
+    head = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    q_ptr = qkv_ptr + batch * stride_qkv_b + head * HEAD_DIM
+    k_ptr = q_ptr + dim
+    v_ptr = k_ptr + dim
+    return head, batch, offs_d, d_mask, q_ptr, k_ptr, v_ptr
+
+
+@triton.jit
+def _head_fills(bias_ptr, head, dim, offs_d, d_mask, dtype, HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    """The q, k and v of this head's padding tokens (its channels of the qkv bias, or zeros)."""
+    if HAS_BIAS:
+        q_fill = tl.load(bias_ptr + head * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
+        k_fill = tl.load(bias_ptr + dim + head * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
+        v_fill = tl.load(bias_ptr + 2 * dim + head * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
+    else:
+        q_fill = tl.zeros([BLOCK_D], dtype=dtype)
+        k_fill = q_fill
+        v_fill = q_fill
+    return q_fill, k_fill, v_fill
 
 
 @triton.jit
@@ -159,24 +188,11 @@ def _window_attention_kernel(
 
     window = tl.program_id(0) // Q_BLOCKS
     q_block = tl.program_id(0) % Q_BLOCKS
-    head = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
+    head, batch, offs_d, d_mask, q_ptr, k_ptr, v_ptr = _head_pointers(qkv_ptr, stride_qkv_b, dim, HEAD_DIM, BLOCK_D)
     window_y = (window // window_cols) * WINDOW
     window_x = (window % window_cols) * WINDOW
-
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    q_ptr = qkv_ptr + batch * stride_qkv_b + head * HEAD_DIM
-    k_ptr = q_ptr + dim
-    v_ptr = k_ptr + dim
-    if HAS_BIAS:
-        q_fill = tl.load(bias_ptr + head * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
-        k_fill = tl.load(bias_ptr + dim + head * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
-        v_fill = tl.load(bias_ptr + 2 * dim + head * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
-    else:
-        q_fill = tl.zeros([BLOCK_D], dtype=qkv_ptr.dtype.element_ty)
-        k_fill = q_fill
-        v_fill = q_fill
+    q_fill, k_fill, v_fill = _head_fills(bias_ptr, head, dim, offs_d, d_mask, qkv_ptr.dtype.element_ty, HEAD_DIM,
+                                         HAS_BIAS, BLOCK_D)
 
     query = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
     query_valid = query < NUM_QUERIES
@@ -317,33 +333,35 @@ def _windowed_attention_shapes() -> Iterator[Tuple[int, bool, int]]:
                 yield config.window_spec[stage - 1], True, head_dim
 
 
+def in_every_dtype(shapes: Iterable[Tuple[int, bool, int]]) -> Iterator[Tuple[int, bool, int, torch.dtype, str]]:
+    """Each distinct (window_size, q_pool, head_dim) of ``shapes``, in first-seen order, with each dtype the kernels
+    take and its Triton name."""
+    for window_size, q_pool, head_dim in dict.fromkeys(shapes):
+        for dtype, triton_dtype in TRITON_DTYPES.items():
+            yield window_size, q_pool, head_dim, dtype, triton_dtype
+
+
 def aot_variants() -> Iterator[Tuple[str, object, dict, dict, dict]]:
     """(name, kernel, signature, constexprs, launch options) of every compiled variant the configs use on a GPU.
 
     Covers the eight configs (the window shapes do not depend on the input size, so 1024x1024 included) in fp16,
     bf16 and fp32, with a qkv bias (Hiera's qkv projection always has one); duplicates are yielded once.
     """
-    seen = set()
-    for window_size, q_pool, head_dim in _windowed_attention_shapes():
-        for dtype, triton_dtype in TRITON_DTYPES.items():
-            key = (window_size, q_pool, head_dim, triton_dtype)
-            if key in seen:
-                continue
-            seen.add(key)
-            config = _window_blocks(window_size, q_pool, head_dim, dtype)
-            signature = {
-                "qkv_ptr": f"*{triton_dtype}", "bias_ptr": f"*{triton_dtype}", "out_ptr": f"*{triton_dtype}",
-                **{name: "i32" for name in (
-                    "height", "width", "out_height", "out_width", "window_cols", "dim",
-                    "stride_qkv_b", "stride_qkv_h", "stride_qkv_w", "stride_out_b", "stride_out_h", "stride_out_w",
-                )},
-                "qk_scale": "fp32",
-            }
-            constexprs = dict(
-                WINDOW=window_size, Q_POOL=q_pool, HEAD_DIM=head_dim, HAS_BIAS=True,
-                DOT_IN_FP32=dtype == torch.float32, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-                BLOCK_D=config.block_d,
-            )
-            signature.update({name: "constexpr" for name in constexprs})
-            name = f"window_attention_w{window_size}{'_qpool' if q_pool else ''}_hd{head_dim}_{triton_dtype}"
-            yield name, _window_attention_kernel, signature, constexprs, config.options()
+    for window_size, q_pool, head_dim, dtype, triton_dtype in in_every_dtype(_windowed_attention_shapes()):
+        config = _window_blocks(window_size, q_pool, head_dim, dtype)
+        signature = {
+            "qkv_ptr": f"*{triton_dtype}", "bias_ptr": f"*{triton_dtype}", "out_ptr": f"*{triton_dtype}",
+            **{name: "i32" for name in (
+                "height", "width", "out_height", "out_width", "window_cols", "dim",
+                "stride_qkv_b", "stride_qkv_h", "stride_qkv_w", "stride_out_b", "stride_out_h", "stride_out_w",
+            )},
+            "qk_scale": "fp32",
+        }
+        constexprs = dict(
+            WINDOW=window_size, Q_POOL=q_pool, HEAD_DIM=head_dim, HAS_BIAS=True,
+            DOT_IN_FP32=dtype == torch.float32, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            BLOCK_D=config.block_d,
+        )
+        signature.update({name: "constexpr" for name in constexprs})
+        name = f"window_attention_w{window_size}{'_qpool' if q_pool else ''}_hd{head_dim}_{triton_dtype}"
+        yield name, _window_attention_kernel, signature, constexprs, config.options()
