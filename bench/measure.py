@@ -17,7 +17,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from sam2_fast.precision import cpu_units, cpu_units_label, extension_bf16_attention
+from sam2_fast.cpu_gemm import fp32_library as cpu_fp32_gemm
+from sam2_fast.precision import brgemm_attention_backward, cpu_units, cpu_units_label, extension_bf16_attention
 
 from .workloads import REPO_ROOT
 
@@ -238,6 +239,11 @@ def environment(device: torch.device) -> Dict[str, object]:
             "n/a" if device.type != "cpu" else
             {True: "matrix units", False: "fp32 core", None: "extension not loaded"}[extension_bf16_attention()]
         ),
+        "cpu_fp32_gemm": "n/a" if device.type != "cpu" else cpu_fp32_gemm(),
+        "attention_backward_products": (
+            "n/a" if device.type != "cpu" else
+            {True: "brgemm", False: "BLAS", None: "extension not loaded"}[brgemm_attention_backward()]
+        ),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -263,7 +269,9 @@ def cpu_line(meta: dict) -> str:
     return (
         f"CPU {meta['cpu_model']} ({meta['cpu_family_model'] or 'family unknown'}; units: {units}; ATen "
         f"{meta['cpu_capability']}, {'native' if meta['cpu_native_bf16'] else 'no native'} bf16 in oneDNN; the "
-        f"extension's bf16 attention: {meta['extension_bf16_attention']}), {meta['torch_threads']} torch threads"
+        f"extension's bf16 attention: {meta['extension_bf16_attention']}; eager fp32 GEMMs: "
+        f"{meta.get('cpu_fp32_gemm', 'BLAS')}; attention backward products: "
+        f"{meta.get('attention_backward_products', 'BLAS')}), {meta['torch_threads']} torch threads"
     )
 
 

@@ -10,16 +10,29 @@
 // Flash-attention style, per (window, head): the probabilities are recomputed from q and k (a block of query rows
 // holds every key, so the softmax is exact and needs no saved log-sum-exp), D = rowsum(dO * O) comes from the saved
 // output, then dV = P^T dO, dP = dO V^T, dS = P * (dP - D), dQ = dS K * scale and dK = dS^T Q * scale, accumulated in
-// fp32 (fp64 for fp64 inputs, so that gradcheck can check the kernel), the products by the BLAS torch links (as
-// ATen's own CPU flash attention does). As in the forward, windows are read and their gradients written in place (no
-// partition, pad or unpartition copies), only the queries that survive the crop are computed, and a window's padding
-// tokens (all equal to the qkv bias, or zero without one) are one key weighted by their count, whose k and v
-// gradients are the padding tokens' summed ones and go to the qkv bias. With q_pool, the gradient of each pooled q
-// goes to the token max_pool2d takes (the first maximum in its scan order; the last NaN if there is one), among the
-// values the forward pooled (bias added). Global attention is one window covering the whole map, its queries in
-// blocks.
+// fp32 (fp64 for fp64 inputs, so that gradcheck can check the kernel). As in the forward, windows are read and their
+// gradients written in place (no partition, pad or unpartition copies), only the queries that survive the crop are
+// computed, and a window's padding tokens (all equal to the qkv bias, or zero without one) are one key weighted by
+// their count, whose k and v gradients are the padding tokens' summed ones and go to the qkv bias. With q_pool, the
+// gradient of each pooled q goes to the token max_pool2d takes (the first maximum in its scan order; the last NaN if
+// there is one), among the values the forward pooled (bias added). Global attention is one window covering the whole
+// map, its queries in blocks.
+//
+// The five products of a block are plain row-major ones, C (+)= A B, on operands laid out for them once per window:
+// the queries scaled (Qs = Q * scale, so that dK = dS^T Qs), K^T, V^T, and Qs^T and dO^T; the key and value gradients
+// accumulate transposed (dK^T += Qs^T dS, dV^T += dO^T P) and are turned back once per window. The products of the
+// fp32 and 16-bit inputs run on ATen's brgemm (oneDNN's micro-kernels) where it works on this CPU (checked once, see
+// brgemm_attention_backward_usable), else, and for fp64, on the BLAS torch links (MKL in the x86-64 Linux wheels).
+// At the encoder's window shapes on an AMD EPYC Zen 4 (AVX-512, one thread) brgemm ran these products at 1.2x-1.8x
+// the BLAS's speed (MKL takes a narrower code path on that CPU). The element-wise work (reading and pooling tokens,
+// the softmax and its backward, routing and writing the gradients) is compiled for AVX2 + FMA as well as the
+// baseline ISA, picked at load time.
 
+#include "attention_backward.h"
+
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
+#include <ATen/native/CPUBlas.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -27,8 +40,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <exception>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -54,23 +69,115 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 namespace sam2_fast {
 namespace {
 
-// A block of query rows holds this many scores at most (512 KB in fp32), so that its scores and their gradients
-// stay in L2 while the products go over them; a window's queries fit in one block.
-constexpr int64_t kScoreBlockElements = 1 << 17;
+// A block of query rows holds this many scores at most (256 KB in fp32), so that its probabilities and their
+// gradients (512 KB together) stay in a 1 MB L2 with the other operands while the products go over them; a window's
+// queries fit in one block.
+constexpr int64_t kScoreBlockElements = 1 << 16;
 constexpr int64_t kMinQueryBlockRows = 16;
 
-// Row-major C[m, n] = alpha * op(A) op(B) + beta * C, with op(A) = A (m x k, row stride lda) or A^T (A stored k x m),
-// through the column-major BLAS: a row-major matrix read column-major is its transpose, so C^T = op(B)^T op(A)^T.
+// The row stride of a matrix with n columns: n, or a little more where n columns make a multiple of 1 KB (fp32),
+// whose rows would all fall into the same few cache sets (at 1024 keys the products ran about 20% slower).
+inline int64_t padded_stride(int64_t n) { return n % 256 == 0 ? n + 16 : n; }
+
+template <typename scalar_t>
+using acc_of = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// Row-major C[m, n] = A[m, k] B[k, n] (plus C when accumulate), rows lda, ldb, ldc apart, through the column-major
+// BLAS: a row-major matrix read column-major is its transpose, so C^T = B^T A^T.
 template <typename acc_t>
-void gemm_rows(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, acc_t alpha, const acc_t* a,
-               int64_t lda, const acc_t* b, int64_t ldb, acc_t beta, acc_t* c, int64_t ldc) {
-  const char op_b = transpose_b ? 'T' : 'N', op_a = transpose_a ? 'T' : 'N';
+void blas_product(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb,
+                  bool accumulate, acc_t* c, int64_t ldc) {
+  const char no = 'N';
   const int rows = static_cast<int>(n), cols = static_cast<int>(m), depth = static_cast<int>(k);
-  const int ld_b = static_cast<int>(ldb), ld_a = static_cast<int>(lda), ld_c = static_cast<int>(ldc);
+  const int ld_a = static_cast<int>(lda), ld_b = static_cast<int>(ldb), ld_c = static_cast<int>(ldc);
+  const acc_t one = 1, beta = accumulate ? 1 : 0;
   if constexpr (std::is_same_v<acc_t, float>) {
-    sgemm_(&op_b, &op_a, &rows, &cols, &depth, &alpha, b, &ld_b, a, &ld_a, &beta, c, &ld_c);
+    sgemm_(&no, &no, &rows, &cols, &depth, &one, b, &ld_b, a, &ld_a, &beta, c, &ld_c);
   } else {
-    dgemm_(&op_b, &op_a, &rows, &cols, &depth, &alpha, b, &ld_b, a, &ld_a, &beta, c, &ld_c);
+    dgemm_(&no, &no, &rows, &cols, &depth, &one, b, &ld_b, a, &ld_a, &beta, c, &ld_c);
+  }
+}
+
+// The products of one call: C[m, n] (+)= A[m, k] B[k, n], row-major, on brgemm (fp32 only) or the BLAS.
+template <typename acc_t>
+struct Products {
+  bool brgemm;
+
+  void operator()(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb,
+                  bool accumulate, acc_t* c, int64_t ldc) const {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (brgemm) {
+        at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b, c, false);
+        return;
+      }
+    }
+    blas_product(m, n, k, a, lda, b, ldb, accumulate, c, ldc);
+  }
+};
+
+// Whether ATen's fp32 brgemm computes a small product in plain row-major layout correctly here (it raises where
+// oneDNN's micro-kernels are not built or do not support this CPU). Small integers: exact in any order.
+bool brgemm_f32_works() {
+  constexpr int64_t m = 3, n = 5, k = 4;
+  float a[m * k], b[k * n], c[m * n] = {}, expected[m * n] = {};
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t p = 0; p < k; ++p) a[i * k + p] = static_cast<float>(i + p);
+  }
+  for (int64_t p = 0; p < k; ++p) {
+    for (int64_t j = 0; j < n; ++j) {
+      b[p * n + j] = static_cast<float>(p - j);
+      for (int64_t i = 0; i < m; ++i) expected[i * n + j] += a[i * k + p] * b[p * n + j];
+    }
+  }
+  try {
+    at::native::cpublas::brgemm(m, n, k, k, n, n, false, a, b, c, false);
+    at::native::cpublas::brgemm_release(false);
+  } catch (const std::exception&) {
+    return false;
+  }
+  return std::equal(c, c + m * n, expected);
+}
+
+std::atomic<bool> brgemm_enabled{true};
+
+// The 8 x 8 block at src (rows ld_src apart) transposed into dst (rows ld_dst apart), in registers: pairs of rows
+// interleaved, then pairs of pairs, then the 128-bit halves swapped (the three steps of the AVX transpose).
+SAM2_FAST_INLINE void transpose_8x8(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+  vec8 r[8], t[8], s[8];
+  for (int64_t i = 0; i < 8; ++i) r[i] = load(src + i * ld_src);
+  for (int64_t i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int64_t i = 0; i < 8; i += 4) {
+    s[i] = __builtin_shufflevector(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+    s[i + 1] = __builtin_shufflevector(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    s[i + 2] = __builtin_shufflevector(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+    s[i + 3] = __builtin_shufflevector(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  for (int64_t j = 0; j < 4; ++j) {
+    store(dst + j * ld_dst, __builtin_shufflevector(s[j], s[j + 4], 0, 1, 2, 3, 8, 9, 10, 11));
+    store(dst + (j + 4) * ld_dst, __builtin_shufflevector(s[j], s[j + 4], 4, 5, 6, 7, 12, 13, 14, 15));
+  }
+}
+
+// dst[j * ld_dst + i] = src[i * ld_src + j] for i < rows, j < cols: fp32 in 8 x 8 blocks in registers, the edges
+// (and other types) element by element.
+template <typename T>
+SAM2_FAST_INLINE void transpose(const T* src, int64_t rows, int64_t cols, int64_t ld_src, T* dst, int64_t ld_dst) {
+  int64_t full_rows = 0, full_cols = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    full_rows = rows - rows % kLanes;
+    full_cols = cols - cols % kLanes;
+    for (int64_t i0 = 0; i0 < full_rows; i0 += kLanes) {
+      for (int64_t j0 = 0; j0 < full_cols; j0 += kLanes) {
+        transpose_8x8(src + i0 * ld_src + j0, ld_src, dst + j0 * ld_dst + i0, ld_dst);
+      }
+    }
+  }
+  // What the blocks left: the columns past full_cols of every row, and the rows past full_rows.
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = i < full_rows ? full_cols : 0; j < cols; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
   }
 }
 
@@ -85,7 +192,7 @@ void softmax_rows_f32(float* scores, int64_t rows, int64_t n, int64_t ld) {
 }
 
 template <typename acc_t>
-void softmax_rows(acc_t* scores, int64_t rows, int64_t n, int64_t ld) {
+SAM2_FAST_INLINE void softmax_rows(acc_t* scores, int64_t rows, int64_t n, int64_t ld) {
   if constexpr (std::is_same_v<acc_t, float>) {
     softmax_rows_f32(scores, rows, n, ld);
   } else {
@@ -102,32 +209,19 @@ void softmax_rows(acc_t* scores, int64_t rows, int64_t n, int64_t ld) {
 // grad_scores[i, :n] = probs[i, :n] * (grad_scores[i, :n] - row_terms[i]), the softmax's backward, in place; rows
 // `ld` apart.
 template <typename acc_t>
-SAM2_FAST_INLINE void softmax_backward_rows_of(const acc_t* probs, acc_t* grad_scores, const acc_t* row_terms,
-                                               int64_t rows, int64_t n, int64_t ld) {
+SAM2_FAST_INLINE void softmax_backward_rows(const acc_t* probs, acc_t* grad_scores, const acc_t* row_terms,
+                                            int64_t rows, int64_t n, int64_t ld) {
   for (int64_t i = 0; i < rows; ++i) {
     const acc_t term = row_terms[i];
     for (int64_t j = 0; j < n; ++j) grad_scores[i * ld + j] = probs[i * ld + j] * (grad_scores[i * ld + j] - term);
   }
 }
 
-SAM2_FAST_MULTIVERSION
-void softmax_backward_rows(const float* probs, float* grad_scores, const float* row_terms, int64_t rows, int64_t n,
-                           int64_t ld) {
-  softmax_backward_rows_of(probs, grad_scores, row_terms, rows, n, ld);
-}
-
-SAM2_FAST_MULTIVERSION
-void softmax_backward_rows(const double* probs, double* grad_scores, const double* row_terms, int64_t rows,
-                           int64_t n, int64_t ld) {
-  softmax_backward_rows_of(probs, grad_scores, row_terms, rows, n, ld);
-}
-
 // value + bias rounded to scalar_t, as the forward reads a token with add_bias (summed in fp32, exact for the 16-bit
 // types; in fp64 for fp64).
 template <typename scalar_t>
-inline scalar_t add_rounded(scalar_t value, scalar_t bias) {
-  using sum_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  return static_cast<scalar_t>(static_cast<sum_t>(value) + static_cast<sum_t>(bias));
+SAM2_FAST_INLINE scalar_t add_rounded(scalar_t value, scalar_t bias) {
+  return static_cast<scalar_t>(static_cast<acc_of<scalar_t>>(value) + static_cast<acc_of<scalar_t>>(bias));
 }
 
 // Where one task's problem sits: a window of the map (or, for global attention, the whole map).
@@ -144,7 +238,7 @@ struct TaskWindow {
 
 // dst[0:n] = src[0:n] (plus bias[0:n], rounded to scalar_t, unless bias is null) in the accumulation type.
 template <typename scalar_t, typename acc_t>
-inline void read_row(const scalar_t* src, const scalar_t* bias, int64_t n, acc_t* dst) {
+SAM2_FAST_INLINE void read_row(const scalar_t* src, const scalar_t* bias, int64_t n, acc_t* dst) {
   if (bias == nullptr) {
     for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<acc_t>(src[d]);
   } else {
@@ -153,13 +247,13 @@ inline void read_row(const scalar_t* src, const scalar_t* bias, int64_t n, acc_t
 }
 
 template <typename scalar_t, typename acc_t>
-inline void write_row(const acc_t* src, int64_t n, scalar_t* dst) {
+SAM2_FAST_INLINE void write_row(const acc_t* src, int64_t n, scalar_t* dst) {
   for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<scalar_t>(src[d]);
 }
 
 // q[d] = the max of rows[0..3][d] in max_pool2d's scan order, corner[d] = the row it came from (see pool_takes).
 template <typename acc_t>
-inline void pool_rows(const acc_t* rows, int64_t n, acc_t* q, uint8_t* corner) {
+SAM2_FAST_INLINE void pool_rows(const acc_t* rows, int64_t n, acc_t* q, uint8_t* corner) {
   for (int64_t d = 0; d < n; ++d) {
     acc_t best = rows[d];
     uint8_t best_corner = 0;
@@ -172,6 +266,214 @@ inline void pool_rows(const acc_t* rows, int64_t n, acc_t* q, uint8_t* corner) {
     q[d] = best;
     corner[d] = best_corner;
   }
+}
+
+// One call's problem: the tensors' data and the geometry of its tasks (one per window and head).
+template <typename scalar_t>
+struct BackwardProblem {
+  using acc_t = acc_of<scalar_t>;
+  const scalar_t* qkv;
+  int64_t stride_b, stride_h, stride_w;  // qkv's strides over B, H, W (channels contiguous)
+  const scalar_t* bias;                  // the qkv bias in qkv's dtype, or null
+  bool add_bias;                         // the forward added the bias to every token as it read it
+  const scalar_t* grad_out;
+  const scalar_t* out;
+  scalar_t* grad_qkv;                    // contiguous (B, H, W, 3 * dim)
+  acc_t* bias_grads;                     // (threads, 3 * dim), one row per thread
+  int64_t height, width, dim, num_heads, head_dim, step, out_h, out_w;
+  int64_t window_h, window_w, out_window_h, out_window_w, rows, cols;  // the windows, and how many per column / row
+  int64_t max_keys, max_queries, block_rows;
+  bool q_pool, brgemm;
+
+  TaskWindow window(int64_t task) const {
+    const int64_t window = task / num_heads, row = (window / cols) % rows, col = window % cols;
+    const int64_t y0 = row * window_h, x0 = col * window_w;
+    const int64_t in_h = std::min(window_h, height - y0), in_w = std::min(window_w, width - x0);
+    const int64_t out_y0 = row * out_window_h, out_x0 = col * out_window_w;
+    return {window / (rows * cols), task % num_heads, y0, x0, in_h, in_w, window_h * window_w - in_h * in_w,
+            std::min(out_window_h, out_h - out_y0), std::min(out_window_w, out_w - out_x0), out_y0, out_x0};
+  }
+};
+
+// The gradients of tasks [begin, end) (see the top of the file), written into grad_qkv and this thread's bias row.
+template <typename scalar_t>
+SAM2_FAST_INLINE void backward_tasks(const BackwardProblem<scalar_t>& p, int64_t begin, int64_t end) {
+  using acc_t = acc_of<scalar_t>;
+  const Products<acc_t> product{p.brgemm};
+  const int64_t head_dim = p.head_dim, dim = p.dim, step = p.step;
+  const int64_t max_keys = p.max_keys, max_queries = p.max_queries, block_rows = p.block_rows;
+  const acc_t scale = static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(head_dim)));
+  const scalar_t* added_bias = p.add_bias ? p.bias : nullptr;
+  const auto token = [&](int64_t b, int64_t y, int64_t x) {
+    return p.qkv + b * p.stride_b + y * p.stride_h + x * p.stride_w;
+  };
+  const auto grad_token = [&](int64_t b, int64_t y, int64_t x) {
+    return p.grad_qkv + ((b * p.height + y) * p.width + x) * 3 * dim;
+  };
+  const auto out_offset = [&](int64_t b, int64_t y, int64_t x) { return ((b * p.out_h + y) * p.out_w + x) * dim; };
+  const auto channels_of = [](const scalar_t* data, int64_t channel) { return data == nullptr ? data : data + channel; };
+
+  // Row-major: keys and values (max_keys, head_dim), then their gradients there; K^T, V^T and the gradients dK^T,
+  // dV^T (head_dim, num_keys; rows key_ld apart); Qs and dO (max_queries, head_dim) and their transposes (head_dim,
+  // num_queries; rows query_ld apart); D (max_queries,); P and dP (then dS) of a block of queries (block_rows,
+  // num_keys; rows key_ld apart); dQ of the block (block_rows, head_dim).
+  std::vector<acc_t> keys(max_keys * head_dim), values(max_keys * head_dim);
+  const int64_t max_key_ld = padded_stride(max_keys), max_query_ld = padded_stride(max_queries);
+  std::vector<acc_t> keys_t(head_dim * max_key_ld), values_t(head_dim * max_key_ld);
+  std::vector<acc_t> grad_keys_t(head_dim * max_key_ld), grad_values_t(head_dim * max_key_ld);
+  std::vector<acc_t> queries(max_queries * head_dim), queries_t(head_dim * max_query_ld);
+  std::vector<acc_t> grad_outs(max_queries * head_dim), grad_outs_t(head_dim * max_query_ld), row_terms(max_queries);
+  std::vector<acc_t> out_row(head_dim), corner_rows(p.q_pool ? 4 * head_dim : 0);
+  std::vector<uint8_t> corners(p.q_pool ? max_queries * head_dim : 0);  // which of the 2x2 tokens each q came from
+  std::vector<acc_t> probs(block_rows * max_key_ld), grad_scores(block_rows * max_key_ld);
+  std::vector<acc_t> grad_queries(block_rows * head_dim);
+  acc_t* bias_grad = p.bias_grads + at::get_thread_num() * 3 * dim;
+
+  for (int64_t task = begin; task < end; ++task) {
+    const TaskWindow w = p.window(task);
+    const int64_t q_channel = w.head * head_dim, k_channel = dim + q_channel, v_channel = 2 * dim + q_channel;
+    const int64_t num_keys = w.num_keys(), num_queries = w.num_queries(), in_map = w.in_h * w.in_w;
+    const int64_t key_ld = padded_stride(num_keys), query_ld = padded_stride(num_queries);
+    const auto key_place = [&](int64_t j) -> std::pair<int64_t, int64_t> {
+      return {w.y0 + j / w.in_w, w.x0 + j % w.in_w};
+    };
+    // Keys and values: the window's tokens in the map, row by row, then its padding tokens as one key; transposed.
+    for (int64_t j = 0; j < in_map; ++j) {
+      const auto [y, x] = key_place(j);
+      const scalar_t* t = token(w.b, y, x);
+      read_row(t + k_channel, channels_of(added_bias, k_channel), head_dim, keys.data() + j * head_dim);
+      read_row(t + v_channel, channels_of(added_bias, v_channel), head_dim, values.data() + j * head_dim);
+    }
+    if (w.padding > 0) {
+      acc_t* key = keys.data() + in_map * head_dim;
+      acc_t* value = values.data() + in_map * head_dim;
+      if (p.bias == nullptr) {
+        std::fill(key, key + head_dim, acc_t(0));
+        std::fill(value, value + head_dim, acc_t(0));
+      } else {
+        read_row(p.bias + k_channel, static_cast<const scalar_t*>(nullptr), head_dim, key);
+        read_row(p.bias + v_channel, static_cast<const scalar_t*>(nullptr), head_dim, value);
+      }
+    }
+    transpose(keys.data(), num_keys, head_dim, head_dim, keys_t.data(), key_ld);
+    transpose(values.data(), num_keys, head_dim, head_dim, values_t.data(), key_ld);
+    // Queries (pooled, remembering the winning token per channel, then scaled), their output gradients and D.
+    for (int64_t i = 0; i < num_queries; ++i) {
+      const int64_t qy = i / w.kept_w, qx = i % w.kept_w;
+      const int64_t y = w.y0 + step * qy, x = w.x0 + step * qx;
+      acc_t* q = queries.data() + i * head_dim;
+      if (p.q_pool) {
+        for (int64_t c = 0; c < 4; ++c) {
+          read_row(token(w.b, y + c / 2, x + c % 2) + q_channel, channels_of(added_bias, q_channel), head_dim,
+                   corner_rows.data() + c * head_dim);
+        }
+        pool_rows(corner_rows.data(), head_dim, q, corners.data() + i * head_dim);
+      } else {
+        read_row(token(w.b, y, x) + q_channel, channels_of(added_bias, q_channel), head_dim, q);
+      }
+      for (int64_t d = 0; d < head_dim; ++d) q[d] *= scale;
+      const int64_t offset = out_offset(w.b, w.out_y0 + qy, w.out_x0 + qx) + q_channel;
+      acc_t* grad_o = grad_outs.data() + i * head_dim;
+      read_row(p.grad_out + offset, static_cast<const scalar_t*>(nullptr), head_dim, grad_o);
+      read_row(p.out + offset, static_cast<const scalar_t*>(nullptr), head_dim, out_row.data());
+      acc_t term = 0;
+      for (int64_t d = 0; d < head_dim; ++d) term += grad_o[d] * out_row[d];
+      row_terms[i] = term;
+    }
+    if (num_queries == 0) {
+      std::fill(grad_keys_t.begin(), grad_keys_t.begin() + key_ld * head_dim, acc_t(0));
+      std::fill(grad_values_t.begin(), grad_values_t.begin() + key_ld * head_dim, acc_t(0));
+    } else {
+      transpose(queries.data(), num_queries, head_dim, head_dim, queries_t.data(), query_ld);
+      transpose(grad_outs.data(), num_queries, head_dim, head_dim, grad_outs_t.data(), query_ld);
+    }
+    for (int64_t i0 = 0; i0 < num_queries; i0 += block_rows) {
+      const int64_t n = std::min(block_rows, num_queries - i0);
+      const bool accumulate = i0 > 0;
+      // P = softmax(Qs K^T), the padding key counting `padding` times.
+      product(n, num_keys, head_dim, queries.data() + i0 * head_dim, head_dim, keys_t.data(), key_ld, false,
+              probs.data(), key_ld);
+      if (w.padding > 0) {
+        const acc_t log_count = std::log(static_cast<acc_t>(w.padding));
+        for (int64_t i = 0; i < n; ++i) probs[i * key_ld + num_keys - 1] += log_count;
+      }
+      softmax_rows(probs.data(), n, num_keys, key_ld);
+      // dS = P * (dO V^T - D)
+      product(n, num_keys, head_dim, grad_outs.data() + i0 * head_dim, head_dim, values_t.data(), key_ld, false,
+              grad_scores.data(), key_ld);
+      softmax_backward_rows(probs.data(), grad_scores.data(), row_terms.data() + i0, n, num_keys, key_ld);
+      // dQ = dS K * scale; dK^T (+)= Qs^T dS; dV^T (+)= dO^T P
+      product(n, head_dim, num_keys, grad_scores.data(), key_ld, keys.data(), head_dim, false, grad_queries.data(),
+              head_dim);
+      product(head_dim, num_keys, n, queries_t.data() + i0, query_ld, grad_scores.data(), key_ld, accumulate,
+              grad_keys_t.data(), key_ld);
+      product(head_dim, num_keys, n, grad_outs_t.data() + i0, query_ld, probs.data(), key_ld, accumulate,
+              grad_values_t.data(), key_ld);
+      // Each query's gradient to its token, or with q_pool per channel to the token its q came from (the other
+      // three of its 2x2 tokens get zero).
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t qy = (i0 + i) / w.kept_w, qx = (i0 + i) % w.kept_w;
+        const int64_t y = w.y0 + step * qy, x = w.x0 + step * qx;
+        acc_t* g = grad_queries.data() + i * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) g[d] *= scale;
+        if (p.q_pool) {
+          const uint8_t* corner = corners.data() + (i0 + i) * head_dim;
+          for (uint8_t c = 0; c < 4; ++c) {
+            scalar_t* dst = grad_token(w.b, y + c / 2, x + c % 2) + q_channel;
+            for (int64_t d = 0; d < head_dim; ++d) {
+              dst[d] = static_cast<scalar_t>(corner[d] == c ? g[d] : acc_t(0));
+            }
+          }
+        } else {
+          write_row(g, head_dim, grad_token(w.b, y, x) + q_channel);
+        }
+        if (p.add_bias) {
+          for (int64_t d = 0; d < head_dim; ++d) bias_grad[q_channel + d] += g[d];
+        }
+      }
+    }
+    // Tokens of the window that no kept query covers (past the pooled crop) get zero q gradients.
+    const int64_t covered_h = num_queries > 0 ? step * w.kept_h : 0, covered_w = num_queries > 0 ? step * w.kept_w : 0;
+    for (int64_t j = 0; j < in_map; ++j) {
+      const auto [y, x] = key_place(j);
+      if (y - w.y0 < covered_h && x - w.x0 < covered_w) continue;
+      scalar_t* g = grad_token(w.b, y, x) + q_channel;
+      std::fill(g, g + head_dim, scalar_t(0));
+    }
+    // dK and dV back to rows (in the keys' and values' buffers), to their tokens.
+    acc_t* grad_keys = keys.data();
+    acc_t* grad_values = values.data();
+    transpose(grad_keys_t.data(), head_dim, num_keys, key_ld, grad_keys, head_dim);
+    transpose(grad_values_t.data(), head_dim, num_keys, key_ld, grad_values, head_dim);
+    for (int64_t j = 0; j < in_map; ++j) {
+      const auto [y, x] = key_place(j);
+      scalar_t* g = grad_token(w.b, y, x);
+      write_row(grad_keys + j * head_dim, head_dim, g + k_channel);
+      write_row(grad_values + j * head_dim, head_dim, g + v_channel);
+    }
+    // The bias gets the padding key's gradients, and with add_bias every token's.
+    for (int64_t j = p.add_bias ? 0 : in_map; j < num_keys; ++j) {
+      for (int64_t d = 0; d < head_dim; ++d) {
+        bias_grad[k_channel + d] += grad_keys[j * head_dim + d];
+        bias_grad[v_channel + d] += grad_values[j * head_dim + d];
+      }
+    }
+  }
+  if (p.brgemm) at::native::cpublas::brgemm_release(false);
+}
+
+// backward_tasks compiled for AVX2 + FMA and for the baseline ISA, per input dtype.
+SAM2_FAST_MULTIVERSION
+void run_backward_tasks(const BackwardProblem<float>& p, int64_t begin, int64_t end) { backward_tasks(p, begin, end); }
+SAM2_FAST_MULTIVERSION
+void run_backward_tasks(const BackwardProblem<double>& p, int64_t begin, int64_t end) { backward_tasks(p, begin, end); }
+SAM2_FAST_MULTIVERSION
+void run_backward_tasks(const BackwardProblem<c10::BFloat16>& p, int64_t begin, int64_t end) {
+  backward_tasks(p, begin, end);
+}
+SAM2_FAST_MULTIVERSION
+void run_backward_tasks(const BackwardProblem<c10::Half>& p, int64_t begin, int64_t end) {
+  backward_tasks(p, begin, end);
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_backward_cpu(
@@ -211,177 +513,45 @@ std::tuple<at::Tensor, at::Tensor> attention_backward_cpu(
   const int64_t rows = global ? 1 : (height + window_size - 1) / window_size;
   const int64_t cols = global ? 1 : (width + window_size - 1) / window_size;
   const int64_t num_tasks = batch * rows * cols * num_heads;
-  const auto task_window = [&](int64_t task) -> TaskWindow {
-    const int64_t window = task / num_heads, row = (window / cols) % rows, col = window % cols;
-    const int64_t y0 = row * window_h, x0 = col * window_w;
-    const int64_t in_h = std::min(window_h, height - y0), in_w = std::min(window_w, width - x0);
-    const int64_t out_y0 = row * out_window_h, out_x0 = col * out_window_w;
-    return {window / (rows * cols), task % num_heads, y0, x0, in_h, in_w, window_h * window_w - in_h * in_w,
-            std::min(out_window_h, out_h - out_y0), std::min(out_window_w, out_w - out_x0), out_y0, out_x0};
-  };
-  const auto task_cost = [&](int64_t task) -> int64_t {
-    const TaskWindow w = task_window(task);
-    return (w.num_queries() + 2) * w.num_keys() * head_dim;
-  };
   const int64_t max_keys = window_h * window_w, max_queries = out_window_h * out_window_w;
   const int64_t block_rows =
       std::min(max_queries, std::max(kMinQueryBlockRows, kScoreBlockElements / std::max<int64_t>(1, max_keys)));
   const at::ScalarType acc_type = qkv.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor bias_grads = at::zeros({at::get_num_threads(), 3 * dim}, qkv.options().dtype(acc_type));
+  const bool brgemm = acc_type == at::kFloat && brgemm_attention_backward();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "attention_backward_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const scalar_t* src = qkv.const_data_ptr<scalar_t>();
-    const scalar_t* bias_data = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* added_bias = add_bias ? bias_data : nullptr;
-    const scalar_t* grad_out_data = grad_out.const_data_ptr<scalar_t>();
-    const scalar_t* out_data = out.const_data_ptr<scalar_t>();
-    scalar_t* grad_data = grad_qkv.mutable_data_ptr<scalar_t>();
-    const int64_t stride_b = qkv.stride(0), stride_h = qkv.stride(1), stride_w = qkv.stride(2);
-    const acc_t scale = static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(head_dim)));
-    const auto token = [&](int64_t b, int64_t y, int64_t x) { return src + b * stride_b + y * stride_h + x * stride_w; };
-    const auto grad_token = [&](int64_t b, int64_t y, int64_t x) {
-      return grad_data + ((b * height + y) * width + x) * 3 * dim;
+    using acc_t = acc_of<scalar_t>;
+    const BackwardProblem<scalar_t> problem{
+        qkv.const_data_ptr<scalar_t>(), qkv.stride(0), qkv.stride(1), qkv.stride(2),
+        bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, add_bias,
+        grad_out.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(), grad_qkv.mutable_data_ptr<scalar_t>(),
+        bias_grads.mutable_data_ptr<acc_t>(),
+        height, width, dim, num_heads, head_dim, step, out_h, out_w,
+        window_h, window_w, out_window_h, out_window_w, rows, cols,
+        max_keys, max_queries, block_rows, q_pool, brgemm};
+    const auto task_cost = [&](int64_t task) -> int64_t {
+      const TaskWindow w = problem.window(task);
+      return (w.num_queries() + 2) * w.num_keys() * head_dim;
     };
-    const auto out_offset = [&](int64_t b, int64_t y, int64_t x) { return ((b * out_h + y) * out_w + x) * dim; };
-    const auto channels_of = [](const scalar_t* data, int64_t channel) { return data == nullptr ? data : data + channel; };
-
-    parallel_for_balanced(num_tasks, 1 << 18, task_cost, [&](int64_t begin, int64_t end) {
-      // Row-major: q and dO (max_queries, head_dim), D (max_queries,), k, v and their gradients (max_keys, head_dim),
-      // P and dP (then dS) of a block of queries (block_rows, max_keys), dQ of the block (block_rows, head_dim).
-      std::vector<acc_t> queries(max_queries * head_dim), grad_outs(max_queries * head_dim), row_terms(max_queries);
-      std::vector<acc_t> out_row(head_dim), corner_rows(q_pool ? 4 * head_dim : 0);
-      std::vector<uint8_t> corners(q_pool ? max_queries * head_dim : 0);  // which of the 2x2 tokens each q came from
-      std::vector<acc_t> keys(max_keys * head_dim), values(max_keys * head_dim);
-      std::vector<acc_t> grad_keys(max_keys * head_dim), grad_values(max_keys * head_dim);
-      std::vector<acc_t> probs(block_rows * max_keys), grad_scores(block_rows * max_keys);
-      std::vector<acc_t> grad_queries(block_rows * head_dim);
-      acc_t* bias_grad = bias_grads.mutable_data_ptr<acc_t>() + at::get_thread_num() * 3 * dim;
-
-      for (int64_t task = begin; task < end; ++task) {
-        const TaskWindow w = task_window(task);
-        const int64_t q_channel = w.head * head_dim, k_channel = dim + q_channel, v_channel = 2 * dim + q_channel;
-        const int64_t num_keys = w.num_keys(), num_queries = w.num_queries(), in_map = w.in_h * w.in_w;
-        const auto key_place = [&](int64_t j) -> std::pair<int64_t, int64_t> {
-          return {w.y0 + j / w.in_w, w.x0 + j % w.in_w};
-        };
-        // Keys and values: the window's tokens in the map, row by row, then its padding tokens as one key.
-        for (int64_t j = 0; j < in_map; ++j) {
-          const auto [y, x] = key_place(j);
-          const scalar_t* t = token(w.b, y, x);
-          read_row(t + k_channel, channels_of(added_bias, k_channel), head_dim, keys.data() + j * head_dim);
-          read_row(t + v_channel, channels_of(added_bias, v_channel), head_dim, values.data() + j * head_dim);
-        }
-        if (w.padding > 0) {
-          acc_t* key = keys.data() + in_map * head_dim;
-          acc_t* value = values.data() + in_map * head_dim;
-          if (bias_data == nullptr) {
-            std::fill(key, key + head_dim, acc_t(0));
-            std::fill(value, value + head_dim, acc_t(0));
-          } else {
-            read_row(bias_data + k_channel, static_cast<const scalar_t*>(nullptr), head_dim, key);
-            read_row(bias_data + v_channel, static_cast<const scalar_t*>(nullptr), head_dim, value);
-          }
-        }
-        // Queries (pooled, remembering the winning token per channel), their output gradients and D.
-        for (int64_t i = 0; i < num_queries; ++i) {
-          const int64_t qy = i / w.kept_w, qx = i % w.kept_w;
-          const int64_t y = w.y0 + step * qy, x = w.x0 + step * qx;
-          acc_t* q = queries.data() + i * head_dim;
-          if (q_pool) {
-            for (int64_t c = 0; c < 4; ++c) {
-              read_row(token(w.b, y + c / 2, x + c % 2) + q_channel, channels_of(added_bias, q_channel), head_dim,
-                       corner_rows.data() + c * head_dim);
-            }
-            pool_rows(corner_rows.data(), head_dim, q, corners.data() + i * head_dim);
-          } else {
-            read_row(token(w.b, y, x) + q_channel, channels_of(added_bias, q_channel), head_dim, q);
-          }
-          const int64_t offset = out_offset(w.b, w.out_y0 + qy, w.out_x0 + qx) + q_channel;
-          acc_t* grad_o = grad_outs.data() + i * head_dim;
-          read_row(grad_out_data + offset, static_cast<const scalar_t*>(nullptr), head_dim, grad_o);
-          read_row(out_data + offset, static_cast<const scalar_t*>(nullptr), head_dim, out_row.data());
-          acc_t term = 0;
-          for (int64_t d = 0; d < head_dim; ++d) term += grad_o[d] * out_row[d];
-          row_terms[i] = term;
-        }
-        if (num_queries == 0) {
-          std::fill(grad_keys.begin(), grad_keys.begin() + num_keys * head_dim, acc_t(0));
-          std::fill(grad_values.begin(), grad_values.begin() + num_keys * head_dim, acc_t(0));
-        }
-        for (int64_t i0 = 0; i0 < num_queries; i0 += block_rows) {
-          const int64_t n = std::min(block_rows, num_queries - i0);
-          const acc_t* q = queries.data() + i0 * head_dim;
-          const acc_t* grad_o = grad_outs.data() + i0 * head_dim;
-          const acc_t accumulate = i0 == 0 ? acc_t(0) : acc_t(1);
-          // P = softmax(Q K^T * scale), the padding key counting `padding` times.
-          gemm_rows<acc_t>(false, true, n, num_keys, head_dim, scale, q, head_dim, keys.data(), head_dim, 0,
-                           probs.data(), num_keys);
-          if (w.padding > 0) {
-            const acc_t log_count = std::log(static_cast<acc_t>(w.padding));
-            for (int64_t i = 0; i < n; ++i) probs[i * num_keys + num_keys - 1] += log_count;
-          }
-          softmax_rows(probs.data(), n, num_keys, num_keys);
-          // dS = P * (dO V^T - D)
-          gemm_rows<acc_t>(false, true, n, num_keys, head_dim, 1, grad_o, head_dim, values.data(), head_dim, 0,
-                           grad_scores.data(), num_keys);
-          softmax_backward_rows(probs.data(), grad_scores.data(), row_terms.data() + i0, n, num_keys, num_keys);
-          // dQ = dS K * scale; dK (+)= dS^T Q * scale; dV (+)= P^T dO
-          gemm_rows<acc_t>(false, false, n, head_dim, num_keys, scale, grad_scores.data(), num_keys, keys.data(),
-                           head_dim, 0, grad_queries.data(), head_dim);
-          gemm_rows<acc_t>(true, false, num_keys, head_dim, n, scale, grad_scores.data(), num_keys, q, head_dim,
-                           accumulate, grad_keys.data(), head_dim);
-          gemm_rows<acc_t>(true, false, num_keys, head_dim, n, 1, probs.data(), num_keys, grad_o, head_dim,
-                           accumulate, grad_values.data(), head_dim);
-          // Each query's gradient to its token, or with q_pool per channel to the token its q came from (the other
-          // three of its 2x2 tokens get zero).
-          for (int64_t i = 0; i < n; ++i) {
-            const int64_t qy = (i0 + i) / w.kept_w, qx = (i0 + i) % w.kept_w;
-            const int64_t y = w.y0 + step * qy, x = w.x0 + step * qx;
-            const acc_t* g = grad_queries.data() + i * head_dim;
-            if (q_pool) {
-              const uint8_t* corner = corners.data() + (i0 + i) * head_dim;
-              for (uint8_t c = 0; c < 4; ++c) {
-                scalar_t* dst = grad_token(w.b, y + c / 2, x + c % 2) + q_channel;
-                for (int64_t d = 0; d < head_dim; ++d) dst[d] = corner[d] == c ? static_cast<scalar_t>(g[d]) : scalar_t(0);
-              }
-            } else {
-              write_row(g, head_dim, grad_token(w.b, y, x) + q_channel);
-            }
-            if (add_bias) {
-              for (int64_t d = 0; d < head_dim; ++d) bias_grad[q_channel + d] += g[d];
-            }
-          }
-        }
-        // Tokens of the window that no kept query covers (past the pooled crop) get zero q gradients.
-        const int64_t covered_h = num_queries > 0 ? step * w.kept_h : 0, covered_w = num_queries > 0 ? step * w.kept_w : 0;
-        for (int64_t j = 0; j < in_map; ++j) {
-          const auto [y, x] = key_place(j);
-          if (y - w.y0 < covered_h && x - w.x0 < covered_w) continue;
-          scalar_t* g = grad_token(w.b, y, x) + q_channel;
-          std::fill(g, g + head_dim, scalar_t(0));
-        }
-        for (int64_t j = 0; j < in_map; ++j) {
-          const auto [y, x] = key_place(j);
-          scalar_t* g = grad_token(w.b, y, x);
-          write_row(grad_keys.data() + j * head_dim, head_dim, g + k_channel);
-          write_row(grad_values.data() + j * head_dim, head_dim, g + v_channel);
-        }
-        // The bias gets the padding key's gradients, and with add_bias every token's.
-        for (int64_t j = add_bias ? 0 : in_map; j < num_keys; ++j) {
-          for (int64_t d = 0; d < head_dim; ++d) {
-            bias_grad[k_channel + d] += grad_keys[j * head_dim + d];
-            bias_grad[v_channel + d] += grad_values[j * head_dim + d];
-          }
-        }
-      }
-    });
+    parallel_for_balanced(num_tasks, 1 << 18, task_cost,
+                          [&](int64_t begin, int64_t end) { run_backward_tasks(problem, begin, end); });
   });
   if (!qkv_bias.has_value()) return {grad_qkv, at::empty({0}, qkv.options())};
   return {grad_qkv, bias_grads.sum(0).to(qkv_bias->scalar_type())};
 }
 
 }  // namespace
+
+bool brgemm_attention_backward_usable() {
+  static const bool works = brgemm_f32_works();
+  return works && at::globalContext().userEnabledMkldnn();
+}
+
+bool brgemm_attention_backward() { return brgemm_enabled.load() && brgemm_attention_backward_usable(); }
+
+void set_brgemm_attention_backward(bool enabled) { brgemm_enabled.store(enabled); }
+
 }  // namespace sam2_fast
 
 TORCH_LIBRARY_IMPL(sam2_fast_ext, CPU, m) {

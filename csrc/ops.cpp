@@ -8,6 +8,7 @@
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
+#include "attention_backward.h"
 #include "attention_bf16.h"
 
 namespace sam2_fast {
@@ -68,4 +69,12 @@ PYBIND11_MODULE(_C, m) {
         "Whether this CPU and ATen can run the bf16 matrix-unit attention at all.");
   m.def("set_bf16_matrix_attention", &sam2_fast::set_bf16_matrix_attention, pybind11::arg("enabled"),
         "Allow (the default) or forbid the bf16 matrix-unit attention, e.g. to compare it with the fp32 core.");
+  m.def("brgemm_attention_backward", &sam2_fast::brgemm_attention_backward,
+        "Whether the CPU attention backward (fp32, bf16, fp16) runs its products on ATen's brgemm (oneDNN's "
+        "micro-kernels); else on the BLAS torch links.");
+  m.def("brgemm_attention_backward_usable", &sam2_fast::brgemm_attention_backward_usable,
+        "Whether ATen's fp32 brgemm works on this CPU (and oneDNN is enabled).");
+  m.def("set_brgemm_attention_backward", &sam2_fast::set_brgemm_attention_backward, pybind11::arg("enabled"),
+        "Allow (the default) or forbid the brgemm products of the CPU attention backward, e.g. to compare them with "
+        "the BLAS's.");
 }

@@ -11,6 +11,7 @@ from . import sam2_configs
 from .build import build_image_encoder
 from .capture import CudaGraphImageEncoder, capture_cuda_graphs
 from .checkpoint import CheckpointError, load_checkpoint
+from .cpu_gemm import fp32_library as cpu_fp32_gemm, set_fp32_library as set_cpu_fp32_gemm
 from .configs import CONFIGS, DEFAULT_CONFIG, EncoderConfig, get_config
 from .drop_in import OptimizedImageEncoder, optimize
 from .export import ExportedEncoder, export_encoder, load_exported
@@ -34,5 +35,6 @@ __all__ = [
     "get_config", "set_backend", "get_backend", "use_backend", "backend_status", "active_backends",
     "active_backward",
     "BackendUnavailableError", "capture_cuda_graphs", "CudaGraphImageEncoder", "export_encoder", "load_exported",
-    "ExportedEncoder", "optimize", "OptimizedImageEncoder", "set_activation_checkpointing",
+    "ExportedEncoder", "optimize", "OptimizedImageEncoder", "set_activation_checkpointing", "cpu_fp32_gemm",
+    "set_cpu_fp32_gemm",
 ]

@@ -15,7 +15,7 @@ from typing import List, Optional
 
 import torch
 
-from . import embed, ops
+from . import cpu_gemm, embed, ops
 from .build import build_image_encoder
 from .configs import CONFIGS, DEFAULT_CONFIG
 from .embed import DTYPES
@@ -61,6 +61,8 @@ def command_info(args: argparse.Namespace) -> int:
         print(f"{backend}:")
         for op, status in per_op.items():
             print(f"  {op:<24} {status}")
+    print(f"eager fp32 CPU GEMMs: {cpu_gemm.fp32_library()} (asked for: {cpu_gemm.get_fp32_library_setting()}; set "
+          f"with {cpu_gemm.ENV_VAR} or sam2_fast.set_cpu_fp32_gemm)")
     return 0
 
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import ops
+from . import cpu_gemm, ops
 from .precision import CPU_NATIVE_LOW_PRECISION, emulated_compute_dtype, rounded_fp32
 
 
@@ -101,6 +101,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) 
     prepacked weight in bf16 CPU inference where they have them."""
     if _packs_bf16(x, weight, bias):
         return _packed_linear(x, weight, bias, gelu=False)
+    if cpu_gemm.applies(x, weight):
+        return cpu_gemm.linear(x, weight, bias)
     return _in_compute_dtype(F.linear, x, weight, bias)
 
 
@@ -114,6 +116,8 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         return F.gelu(linear(x, weight, bias))
     if _packs_bf16(x, weight, bias):
         return _packed_linear(x, weight, bias, gelu=True)
+    if cpu_gemm.applies(x, weight):
+        return cpu_gemm.linear_gelu(x, weight, bias)
     if adds_in_fp32(x, weight) and ops.bias_gelu_is_fused(x.device.type):
         return ops.bias_gelu_(linear(x, weight, None), bias)
     return torch.ops.aten.gelu_(linear(x, weight, bias))
@@ -143,6 +147,8 @@ def linear_add(
     clone and a copy of the map (CopySlices)."""
     if _needs_grad(x, weight, bias, residual) or not _folds_residual(x, weight, residual):
         return residual + linear(x, weight, bias)
+    if cpu_gemm.applies(x, weight):
+        return cpu_gemm.linear_add(x, weight, bias, residual)
     if bias is None:
         out = residual.clone(memory_format=torch.contiguous_format)
     else:

@@ -41,6 +41,18 @@ def extension_bf16_attention() -> Optional[bool]:
     return bool(_C.bf16_matrix_attention())
 
 
+def brgemm_attention_backward() -> Optional[bool]:
+    """Whether the C++ extension's CPU attention backward (fp32, bf16, fp16) runs its products on ATen's brgemm
+    (oneDNN's micro-kernels) rather than on the BLAS; None when the extension is not loaded."""
+    from . import _extension
+
+    if _extension.load_error() is not None:
+        return None
+    from . import _C
+
+    return bool(_C.brgemm_attention_backward())
+
+
 def _cpu_has_native(dtype: torch.dtype) -> bool:
     probes = {
         torch.bfloat16: ("_is_avx512_bf16_supported", "_is_amx_tile_supported"),

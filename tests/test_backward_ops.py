@@ -136,11 +136,39 @@ def test_fpn_upsample_add_backward_matches_autograd(backend):
 RELATIVE_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2**-6, torch.float16: 2**-9}
 
 
+def _brgemm_usable() -> bool:
+    if _extension.load_error() is not None:
+        return False
+    from sam2_fast import _C
+
+    return _C.brgemm_attention_backward_usable()
+
+
+@pytest.fixture(params=["brgemm", "blas"])
+def products(request):
+    """The extension's attention backward with its products on ATen's brgemm, or on the BLAS."""
+    if _extension.load_error() is not None:
+        yield None
+        return
+    from sam2_fast import _C
+
+    if request.param == "brgemm" and not _C.brgemm_attention_backward_usable():
+        pytest.skip("ATen's fp32 brgemm does not work on this CPU (oneDNN's micro-kernels need AVX-512)")
+    _C.set_brgemm_attention_backward(request.param == "brgemm")
+    try:
+        yield request.param
+    finally:
+        _C.set_brgemm_attention_backward(True)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", list(RELATIVE_TOLERANCE))
-@pytest.mark.parametrize("case", WINDOW_CASES[:4])
-def test_window_attention_op_gradients_per_dtype(backend, dtype, case):
-    # Through the op layer as the model calls it: the fast forward, its autograd formula, the backward kernel.
+@pytest.mark.parametrize("case", WINDOW_CASES[:4] + [(2, 9, 13, 2, 16, 8, True, False, True)])
+def test_window_attention_op_gradients_per_dtype(backend, dtype, case, products):
+    # Through the op layer as the model calls it: the fast forward, its autograd formula, the backward kernel (with
+    # its products on brgemm and on the BLAS). The last case has full 8 x 8 blocks for the register transposes.
+    if backend != "extension" and products == "brgemm":
+        pytest.skip("the product choice is the extension's")
     qkv, bias, heads, window, q_pool, add_bias = _window_inputs(case, dtype)
     leaves = [t.requires_grad_(True) for t in (qkv, bias) if t is not None]
     with sam2_fast.use_backend(backend):
@@ -180,6 +208,48 @@ def test_q_pool_gradient_follows_max_pool2d_ties(backend, add_bias):
         torch.autograd.grad(_KernelBackward.apply("maxpool2x2", backend, x), x, pooled_grad)[0],
         torch.autograd.grad(torch_ops.maxpool2x2(x), x, pooled_grad)[0], name="maxpool2x2 grad x",
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 32, 32, 2, 24), (1, 16, 16, 1, 40)], ids=["1024_keys", "256_keys"])
+def test_global_attention_backward_products_agree(shape, dtype):
+    # Global attention with 1024 and 256 keys (their score rows are padded in the kernel's buffers), on brgemm and
+    # on the BLAS, against float64 autograd of the torch implementation on the same inputs.
+    if "extension" not in BACKENDS or not _brgemm_usable():
+        pytest.skip("needs the extension with a working fp32 brgemm")
+    from sam2_fast import _C
+
+    batch, height, width, heads, head_dim = shape
+    generator = torch.Generator().manual_seed(5)
+    qkv = torch.randn(batch, height, width, 3 * heads * head_dim, generator=generator).to(dtype)
+    out = torch.ops.sam2_fast_ext.global_attention(qkv, heads, False)
+    grad_out = torch.randn(out.shape, generator=generator).to(dtype)
+    exact_qkv = qkv.double().requires_grad_(True)
+    (expected,) = torch.autograd.grad(torch_ops.global_attention(exact_qkv, heads, False), exact_qkv,
+                                      grad_out.double())
+    for use_brgemm in (True, False):
+        _C.set_brgemm_attention_backward(use_brgemm)
+        try:
+            grad_qkv, _ = torch.ops.sam2_fast_ext.attention_backward(grad_out, qkv, None, out, heads, 0, False, False)
+        finally:
+            _C.set_brgemm_attention_backward(True)
+        error = max_abs_error(grad_qkv, expected) / expected.abs().max().item()
+        assert error <= RELATIVE_TOLERANCE[dtype], f"brgemm={use_brgemm}: relative error {error:.3g} ({dtype})"
+
+
+@pytest.mark.skipif(_extension.load_error() is not None, reason="the C++ extension is not built")
+def test_brgemm_product_choice():
+    from sam2_fast import _C
+    from sam2_fast.precision import brgemm_attention_backward
+
+    assert _C.brgemm_attention_backward() == _C.brgemm_attention_backward_usable() == brgemm_attention_backward()
+    _C.set_brgemm_attention_backward(False)
+    try:
+        assert not _C.brgemm_attention_backward()
+    finally:
+        _C.set_brgemm_attention_backward(True)
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not _C.brgemm_attention_backward()
 
 
 @pytest.mark.skipif(_extension.load_error() is not None, reason="the C++ extension is not built")

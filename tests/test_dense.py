@@ -68,8 +68,10 @@ FUSED_GELU_ATOL = 2e-6
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("autocast", [False, True])
 def test_linear_gelu_hands_the_bias_to_a_fused_gelu_in_fp32_only(monkeypatch, backend, autocast):
-    # fp32: the GEMM leaves out its bias and the fused kernel adds it. Under bf16 autocast the GEMM's output is
-    # rounded to bf16, so adding the bias afterwards would round twice: the GEMM keeps it and torch's GELU runs.
+    # fp32 on the BLAS: the GEMM leaves out its bias and the fused kernel adds it. Under bf16 autocast the GEMM's
+    # output is rounded to bf16, so adding the bias afterwards would round twice: the GEMM keeps it and torch's GELU
+    # runs. (fp32 GEMMs on oneDNN take the GELU as a post-op instead: tests/test_cpu_gemm.py.)
+    monkeypatch.setattr(sam2_fast.cpu_gemm, "_setting", "blas")
     calls = []
     bias_gelu_ = ops.bias_gelu_
 
