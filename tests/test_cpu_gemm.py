@@ -1,0 +1,179 @@
+"""Eager fp32 CPU GEMMs on oneDNN (sam2_fast.cpu_gemm): the choice of library, the numbers and gradients of each
+GEMM form against ATen's, which calls take the path, and the whole encoder on either library.
+
+Every test that runs oneDNN forces it, so it is checked on every CPU, also where ``auto`` keeps the BLAS.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sam2_fast
+from sam2_fast import cpu_gemm, dense
+
+from helpers import assert_close_verbose, encoder_pair, flat_outputs
+
+needs_onednn = pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="torch has no oneDNN here")
+
+# fp32 products of the same operands summed in another order: a few ulps of the largest partial sums. The operands
+# below are O(1) with 24-96 terms per dot product, so results are O(10) and their ulps ~1e-6.
+FP32_ATOL = 2e-5
+
+
+@pytest.fixture
+def library():
+    """Set the fp32 GEMM library for one test, restoring the setting after it."""
+    before = cpu_gemm.get_fp32_library_setting()
+    yield cpu_gemm.set_fp32_library
+    cpu_gemm.set_fp32_library(before)
+
+
+@pytest.fixture
+def products(monkeypatch):
+    """Count the calls that reach oneDNN."""
+    calls = []
+    product = cpu_gemm._product
+    monkeypatch.setattr(cpu_gemm, "_product", lambda *args, **kwargs: calls.append(1) or product(*args, **kwargs))
+    return calls
+
+
+def _operands(rows=(3, 5, 7), in_features=24, out_features=40, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(*rows, in_features, generator=generator)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    bias = torch.randn(out_features, generator=generator)
+    residual = torch.randn(*rows, out_features, generator=generator)
+    return x, weight, bias, residual
+
+
+def test_auto_takes_onednn_only_on_non_intel_avx512_cpus(library):
+    capabilities = torch._C._cpu._get_cpu_capability()
+    intel = "intel" in str(capabilities.get("cpu_name", "")).lower()
+    expected = bool(capabilities.get("avx512_f")) and not intel and cpu_gemm.onednn_available()
+    library("auto")
+    assert (cpu_gemm.fp32_library() == "onednn") == expected
+    library("blas")
+    assert sam2_fast.cpu_fp32_gemm() == "blas"
+    library("onednn")
+    assert cpu_gemm.fp32_library() == ("onednn" if cpu_gemm.onednn_available() else "blas")
+
+
+@needs_onednn
+def test_disabling_onednn_in_torch_falls_back_to_the_blas(library):
+    library("onednn")
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert cpu_gemm.fp32_library() == "blas"
+    assert cpu_gemm.fp32_library() == "onednn"
+
+
+def test_unknown_library_names_the_choices():
+    with pytest.raises(ValueError, match="'mkl'.*auto, onednn, blas"):
+        sam2_fast.set_cpu_fp32_gemm("mkl")
+
+
+@pytest.mark.parametrize("value,expected", [("blas", "blas"), ("onednn", None), ("cuBLAS", "error")])
+def test_environment_variable_chooses_the_library(value, expected):
+    env = dict(os.environ, **{cpu_gemm.ENV_VAR: value})
+    code = "import sam2_fast; print(sam2_fast.cpu_fp32_gemm())"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if expected == "error":
+        assert result.returncode != 0
+        assert cpu_gemm.ENV_VAR in result.stderr and "'cuBLAS'" in result.stderr
+        return
+    assert result.returncode == 0, result.stderr
+    wanted = expected or ("onednn" if cpu_gemm.onednn_available() else "blas")
+    assert result.stdout.strip() == wanted
+
+
+@needs_onednn
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_forms_match_aten_in_fp32(library, products, with_bias, layout):
+    library("onednn")
+    x, weight, bias, residual = _operands()
+    bias = bias if with_bias else None
+    if layout == "transposed":  # strided operands are read as they are
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)
+        weight = weight.t().contiguous().t()
+    kept = residual.clone()
+    with torch.no_grad():
+        assert_close_verbose(dense.linear(x, weight, bias), F.linear(x, weight, bias), atol=FP32_ATOL, name="linear")
+        assert_close_verbose(dense.linear_gelu(x, weight, bias), F.gelu(F.linear(x, weight, bias)), atol=FP32_ATOL,
+                             name="linear_gelu")
+        out = dense.linear_add(x, weight, bias, residual)
+    assert_close_verbose(out, residual + F.linear(x, weight, bias), atol=FP32_ATOL, name="linear_add")
+    assert torch.equal(residual, kept), "linear_add must not change its residual"
+    assert out.shape == residual.shape and out.dtype == torch.float32
+    assert len(products) == 2  # linear and linear_gelu; linear_add takes oneDNN's binary form
+
+
+@needs_onednn
+@pytest.mark.parametrize("needs", ["all", "input only", "weight only"])
+def test_gradients_match_aten(library, products, needs):
+    library("onednn")
+    x, weight, bias, residual = _operands(rows=(2, 9), in_features=33, out_features=17)
+    wants = {"all": (True, True, True), "input only": (True, False, False), "weight only": (False, True, True)}[needs]
+    leaves = [t.clone().requires_grad_(w) for t, w in zip((x, weight, bias), wants)]
+    reference_leaves = [t.clone().requires_grad_(w) for t, w in zip((x, weight, bias), wants)]
+    out = dense.linear_add(*leaves, residual)
+    expected_out = residual + F.linear(*reference_leaves)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    differentiable = [t for t in leaves if t.requires_grad]
+    actual = torch.autograd.grad(out, differentiable, grad)
+    expected = torch.autograd.grad(expected_out, [t for t in reference_leaves if t.requires_grad], grad)
+    assert len(products) >= 1
+    assert_close_verbose(out.detach(), expected_out.detach(), atol=FP32_ATOL, name="output")
+    for name, a, e in zip(("x", "weight", "bias"), actual, expected):
+        # the weight's and bias's gradients sum over 18 rows of O(1) products: within fp32 rounding of O(10)
+        assert_close_verbose(a, e, atol=1e-4, name=f"grad {name}")
+
+
+@needs_onednn
+def test_only_eager_fp32_takes_onednn(library, products):
+    library("onednn")
+    x, weight, bias, _ = _operands()
+    with torch.no_grad():
+        dense.linear(x.double(), weight.double(), bias.double())
+        dense.linear(x.bfloat16(), weight.bfloat16(), bias.bfloat16())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            dense.linear(x, weight, bias)
+        assert products == []
+        library("blas")
+        dense.linear(x, weight, bias)
+        assert products == []
+        library("onednn")
+        dense.linear(x, weight, bias)
+        assert len(products) == 1
+    # Under torch.compile the GEMM stays F.linear for the compiler to lower: the compiled graph holds aten ops only.
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a: dense.linear(a, weight, bias), fullgraph=True, backend="aot_eager")
+    assert_close_verbose(compiled(x), F.linear(x, weight, bias), atol=FP32_ATOL, name="compiled")
+    assert len(products) == 1
+
+
+@needs_onednn
+def test_encoder_outputs_and_gradients_agree_on_both_libraries(library):
+    # The whole tiny encoder in train mode (fp32): the BLAS path is checked against the reference by the parity and
+    # training tests wherever `auto` picks it; here the oneDNN path must give the same outputs and gradients.
+    _, encoder = encoder_pair("sam2.1_hiera_tiny")
+    encoder = encoder.train()
+    image = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(3))
+    results = {}
+    for name in ("blas", "onednn"):
+        library(name)
+        encoder.zero_grad(set_to_none=True)
+        out = encoder(image)
+        sum(level.square().mean() for level in out["backbone_fpn"]).backward()
+        results[name] = ([t.detach() for _, t in flat_outputs(out)],
+                         {n: p.grad.clone() for n, p in encoder.named_parameters()})
+    encoder.eval()
+    (blas_outputs, blas_grads), (onednn_outputs, onednn_grads) = results["blas"], results["onednn"]
+    for a, e in zip(onednn_outputs, blas_outputs):
+        assert_close_verbose(a, e, atol=1e-4 * max(e.abs().max().item(), 1.0), name="output")
+    for name, e in blas_grads.items():
+        # fp32 gradients through 12 blocks, summed in another order: 1e-4 of the gradient's magnitude
+        assert_close_verbose(onednn_grads[name], e, atol=1e-4 * max(e.abs().max().item(), 1e-6), name=name)
