@@ -29,6 +29,8 @@
 // baseline ISA, picked at load time.
 
 #include "attention_backward.h"
+#include "brgemm_f32.h"
+#include "transpose.h"
 
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
@@ -75,10 +77,6 @@ namespace {
 constexpr int64_t kScoreBlockElements = 1 << 16;
 constexpr int64_t kMinQueryBlockRows = 16;
 
-// The row stride of a matrix with n columns: n, or a little more where n columns make a multiple of 1 KB (fp32),
-// whose rows would all fall into the same few cache sets (at 1024 keys the products ran about 20% slower).
-inline int64_t padded_stride(int64_t n) { return n % 256 == 0 ? n + 16 : n; }
-
 template <typename scalar_t>
 using acc_of = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
@@ -115,71 +113,7 @@ struct Products {
   }
 };
 
-// Whether ATen's fp32 brgemm computes a small product in plain row-major layout correctly here (it raises where
-// oneDNN's micro-kernels are not built or do not support this CPU). Small integers: exact in any order.
-bool brgemm_f32_works() {
-  constexpr int64_t m = 3, n = 5, k = 4;
-  float a[m * k], b[k * n], c[m * n] = {}, expected[m * n] = {};
-  for (int64_t i = 0; i < m; ++i) {
-    for (int64_t p = 0; p < k; ++p) a[i * k + p] = static_cast<float>(i + p);
-  }
-  for (int64_t p = 0; p < k; ++p) {
-    for (int64_t j = 0; j < n; ++j) {
-      b[p * n + j] = static_cast<float>(p - j);
-      for (int64_t i = 0; i < m; ++i) expected[i * n + j] += a[i * k + p] * b[p * n + j];
-    }
-  }
-  try {
-    at::native::cpublas::brgemm(m, n, k, k, n, n, false, a, b, c, false);
-    at::native::cpublas::brgemm_release(false);
-  } catch (const std::exception&) {
-    return false;
-  }
-  return std::equal(c, c + m * n, expected);
-}
-
 std::atomic<bool> brgemm_enabled{true};
-
-// The 8 x 8 block at src (rows ld_src apart) transposed into dst (rows ld_dst apart), in registers: pairs of rows
-// interleaved, then pairs of pairs, then the 128-bit halves swapped (the three steps of the AVX transpose).
-SAM2_FAST_INLINE void transpose_8x8(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
-  vec8 r[8], t[8], s[8];
-  for (int64_t i = 0; i < 8; ++i) r[i] = load(src + i * ld_src);
-  for (int64_t i = 0; i < 8; i += 2) {
-    t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
-    t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
-  }
-  for (int64_t i = 0; i < 8; i += 4) {
-    s[i] = __builtin_shufflevector(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
-    s[i + 1] = __builtin_shufflevector(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
-    s[i + 2] = __builtin_shufflevector(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
-    s[i + 3] = __builtin_shufflevector(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
-  }
-  for (int64_t j = 0; j < 4; ++j) {
-    store(dst + j * ld_dst, __builtin_shufflevector(s[j], s[j + 4], 0, 1, 2, 3, 8, 9, 10, 11));
-    store(dst + (j + 4) * ld_dst, __builtin_shufflevector(s[j], s[j + 4], 4, 5, 6, 7, 12, 13, 14, 15));
-  }
-}
-
-// dst[j * ld_dst + i] = src[i * ld_src + j] for i < rows, j < cols: fp32 in 8 x 8 blocks in registers, the edges
-// (and other types) element by element.
-template <typename T>
-SAM2_FAST_INLINE void transpose(const T* src, int64_t rows, int64_t cols, int64_t ld_src, T* dst, int64_t ld_dst) {
-  int64_t full_rows = 0, full_cols = 0;
-  if constexpr (std::is_same_v<T, float>) {
-    full_rows = rows - rows % kLanes;
-    full_cols = cols - cols % kLanes;
-    for (int64_t i0 = 0; i0 < full_rows; i0 += kLanes) {
-      for (int64_t j0 = 0; j0 < full_cols; j0 += kLanes) {
-        transpose_8x8(src + i0 * ld_src + j0, ld_src, dst + j0 * ld_dst + i0, ld_dst);
-      }
-    }
-  }
-  // What the blocks left: the columns past full_cols of every row, and the rows past full_rows.
-  for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t j = i < full_rows ? full_cols : 0; j < cols; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
-  }
-}
 
 // row[0:n] = softmax(row[0:n]) in place for each of `rows` rows `ld` apart, fp32 (vectorized exp).
 SAM2_FAST_MULTIVERSION
@@ -543,10 +477,7 @@ std::tuple<at::Tensor, at::Tensor> attention_backward_cpu(
 
 }  // namespace
 
-bool brgemm_attention_backward_usable() {
-  static const bool works = brgemm_f32_works();
-  return works && at::globalContext().userEnabledMkldnn();
-}
+bool brgemm_attention_backward_usable() { return brgemm_f32_usable(); }
 
 bool brgemm_attention_backward() { return brgemm_enabled.load() && brgemm_attention_backward_usable(); }
 

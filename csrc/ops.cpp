@@ -10,6 +10,7 @@
 
 #include "attention_backward.h"
 #include "attention_bf16.h"
+#include "brgemm_f32.h"
 
 namespace sam2_fast {
 namespace {
@@ -43,6 +44,7 @@ TORCH_LIBRARY(sam2_fast_ext, m) {
   m.def("maxpool2x2_backward(Tensor grad_out, Tensor x) -> Tensor");
   m.def("fpn_upsample_add(Tensor lateral, Tensor prev) -> Tensor");
   m.def("bias_gelu_(Tensor(a!) x, Tensor? bias) -> ()");
+  m.def("linear_weight_grad(Tensor grad, Tensor input, bool with_bias) -> (Tensor, Tensor)");
   m.def(
       "sine_position_encoding(int height, int width, int num_pos_feats, float temperature, bool normalize, "
       "float scale, Device device) -> Tensor");
@@ -72,6 +74,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("brgemm_attention_backward", &sam2_fast::brgemm_attention_backward,
         "Whether the CPU attention backward (fp32, bf16, fp16) runs its products on ATen's brgemm (oneDNN's "
         "micro-kernels); else on the BLAS torch links.");
+  m.def("brgemm_f32_usable", &sam2_fast::brgemm_f32_usable,
+        "Whether ATen's fp32 brgemm (oneDNN's micro-kernels) works on this CPU and oneDNN is enabled: the attention "
+        "backward's products and linear_weight_grad need it.");
   m.def("brgemm_attention_backward_usable", &sam2_fast::brgemm_attention_backward_usable,
         "Whether ATen's fp32 brgemm works on this CPU (and oneDNN is enabled).");
   m.def("set_brgemm_attention_backward", &sam2_fast::set_brgemm_attention_backward, pybind11::arg("enabled"),

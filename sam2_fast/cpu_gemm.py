@@ -4,16 +4,18 @@ ATen computes fp32 ``F.linear`` and its gradients with the BLAS torch links (MKL
 its AVX-512 kernels on Intel CPUs only; on other CPUs with AVX-512 it runs a narrower code path (its verbose mode
 names it "Intel(R) Architecture processors" on an AMD EPYC Zen 4), while oneDNN, which torch also links, picks its
 kernels from the CPU's units alone. Measured on an AMD EPYC Zen 4 (AVX-512, AVX512-BF16, 2 threads) at the
-encoder's shapes, interleaved: oneDNN's fp32 GEMM took 1.06x-1.67x less time than MKL's for ``x W^T + b`` and
-1.06x-1.75x less for the input gradient ``g W``, and more for the weight gradient ``g^T x`` (a long reduction,
-which stays on the BLAS). With both capped at AVX2 the two were even (0.77x-1.37x), so AVX2-only CPUs keep the BLAS.
+encoder's shapes, interleaved: oneDNN's fp32 GEMM took 1.06x-1.67x less time than MKL's for ``x W^T + b``. With
+both capped at AVX2 the two were even (0.77x-1.37x), so AVX2-only CPUs keep the BLAS.
 
 :func:`fp32_library` says which library runs, ``"onednn"`` or ``"blas"``: by default (``"auto"``) oneDNN on non-Intel
 CPUs with AVX-512 where torch was built with oneDNN; :func:`set_fp32_library` or the ``SAM2_FAST_CPU_FP32_GEMM``
 environment variable (``auto``, ``onednn``, ``blas``) choose otherwise. Only eager fp32 without autocast takes this
 path; under ``torch.compile`` and ``torch.export`` the GEMMs stay ``F.linear``, which the compiler lowers itself.
 
-Numerics: fp32 products accumulated in fp32 as the BLAS does, in another order (within the fp32 tolerance of the
+Where gradients are needed the products stay on the BLAS (see :class:`_Linear`); only the weight's and bias's
+gradients change, to one extension pass on ATen's fp32 brgemm that also took less time than the BLAS (1.0x-1.3x).
+
+Numerics: fp32 products accumulated in fp32, in another order than the BLAS (within the fp32 tolerance of the
 parity tests); oneDNN's fp32 math mode is left at torch's default (strict fp32, no bf16 or tf32 rounding).
 """
 
@@ -23,6 +25,7 @@ import os
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 LIBRARIES = ("auto", "onednn", "blas")
 ENV_VAR = "SAM2_FAST_CPU_FP32_GEMM"
@@ -91,26 +94,46 @@ def _product(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
 
 class _Linear(torch.autograd.Function):
-    """``rows @ weight^T + bias`` with its gradients: the input's on oneDNN (``g @ weight`` as a product with
-    ``weight^T``, read in place), the weight's (``g^T rows``) and the bias's on ATen."""
+    """``rows @ weight^T + bias`` where gradients are needed: the product and the input's gradient on the BLAS (as
+    ATen's linear; oneDNN's fp32 products measured 1.6x-4x the BLAS's worst rounding error at the encoder's depths,
+    which the float64 gradient comparison of tests/test_training.py notices), the weight's and bias's in one pass of
+    the extension's ``linear_weight_grad`` on ATen's fp32 brgemm where it works (else ATen)."""
 
     @staticmethod
     def forward(ctx, rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         ctx.save_for_backward(rows, weight)
         ctx.has_bias = bias is not None
-        return _product(rows, weight, bias)
+        return F.linear(rows, weight, bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         rows, weight = ctx.saved_tensors
         grad_rows = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_rows = _product(grad, weight.t(), None)
+            grad_rows = grad.mm(weight)
+        needs_bias = ctx.has_bias and ctx.needs_input_grad[2]
+        if ctx.needs_input_grad[1] and _weight_grad_kernel():
+            grad_weight, fused_bias = torch.ops.sam2_fast_ext.linear_weight_grad(grad, rows, needs_bias)
+            return grad_rows, grad_weight, fused_bias if needs_bias else None
         if ctx.needs_input_grad[1]:
             grad_weight = grad.t().mm(rows)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if needs_bias:
             grad_bias = grad.sum(0)
         return grad_rows, grad_weight, grad_bias
+
+
+def _weight_grad_kernel() -> bool:
+    """Whether the extension's linear_weight_grad (fp32 brgemm) computes the weight and bias gradients; else ATen."""
+    from . import _extension
+
+    if not _use_weight_grad_kernel or _extension.load_error() is not None:
+        return False
+    from . import _C
+
+    return bool(_C.brgemm_f32_usable())
+
+
+_use_weight_grad_kernel = True
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -118,7 +141,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` on oneDNN, differentiable (for where :func:`applies`)."""
+    """``F.linear(x, weight, bias)`` (for where :func:`applies`): on oneDNN without gradients, else :class:`_Linear`."""
     rows = _rows(x)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
         out = _Linear.apply(rows, weight, bias)

@@ -29,6 +29,16 @@ def attention_backward_outputs(grad_out, qkv, qkv_bias, out, num_heads, window_s
     return qkv.new_empty(qkv.shape), grad_bias
 
 
+def linear_weight_grad_outputs(grad, input, with_bias):
+    """The (grad_weight (N, K), grad_bias (N,) or (0,)) of a linear layer from grad (M, N) and input (M, K)."""
+    torch._check(
+        grad.dim() == 2 and input.dim() == 2 and grad.shape[0] == input.shape[0],
+        lambda: f"linear_weight_grad: expected grad (M, N) and input (M, K), got {tuple(grad.shape)} and "
+        f"{tuple(input.shape)}",
+    )
+    return grad.new_empty(grad.shape[1], input.shape[1]), grad.new_empty(grad.shape[1] if with_bias else 0)
+
+
 def queries_per_window(window_size: int, q_pool: bool) -> int:
     """The query tokens of one window: all of its window_size**2 tokens, or a quarter with 2x2 q-pooling."""
     return (window_size // 2) ** 2 if q_pool else window_size**2
