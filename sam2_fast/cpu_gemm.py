@@ -133,6 +133,7 @@ def _weight_grad_kernel() -> bool:
     return bool(_C.brgemm_f32_usable())
 
 
+# False: the weight and bias gradients on ATen (mm and sum), e.g. to compare the two in one process.
 _use_weight_grad_kernel = True
 
 
