@@ -162,6 +162,6 @@ def linear_add(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     """``residual + F.linear(x, weight, bias)``, the residual added by the GEMM's binary post-op as the reference
     adds it (after the bias); no gradient. ``residual`` is not changed."""
     rows = _rows(x)
-    other = residual.reshape(rows.shape[0], weight.shape[0])
+    other = residual.reshape(rows.shape[0], weight.shape[0]).contiguous()  # a view where residual is contiguous
     out = torch.ops.mkldnn._linear_pointwise.binary(rows, other, weight, bias, "add")
     return out.view(*x.shape[:-1], weight.shape[0])

@@ -201,3 +201,14 @@ def assert_low_precision_attention_error(name: str, actual: torch.Tensor, emulat
         f"{name}: error {actual_error:.3g} vs fp32 > {LOW_PRECISION_ATTENTION_ERROR_RATIO} x the emulated "
         f"{actual.dtype} kernel's {emulated_error:.3g} + {floor:.3g}"
     )
+
+
+def brgemm_f32_usable() -> bool:
+    """Whether the C++ extension is loaded and ATen's fp32 brgemm works on this CPU (oneDNN's micro-kernels)."""
+    from sam2_fast import _extension
+
+    if _extension.load_error() is not None:
+        return False
+    from sam2_fast import _C
+
+    return _C.brgemm_f32_usable()

@@ -15,7 +15,7 @@ from torch._dynamo.backends.common import aot_autograd
 import sam2_fast
 from sam2_fast import _extension, ops, torch_ops
 
-from helpers import assert_close_verbose, max_abs_error, seeded_state
+from helpers import assert_close_verbose, brgemm_f32_usable, max_abs_error, seeded_state
 
 # Backends with a backward (kernel or formula) for some op on CPU.
 BACKENDS = sorted({backend for (_, backend, device_type) in ops._BACKWARDS if device_type == "cpu"
@@ -136,14 +136,6 @@ def test_fpn_upsample_add_backward_matches_autograd(backend):
 RELATIVE_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2**-6, torch.float16: 2**-9}
 
 
-def _brgemm_usable() -> bool:
-    if _extension.load_error() is not None:
-        return False
-    from sam2_fast import _C
-
-    return _C.brgemm_attention_backward_usable()
-
-
 @pytest.fixture(params=["brgemm", "blas"])
 def products(request):
     """The extension's attention backward with its products on ATen's brgemm, or on the BLAS."""
@@ -215,7 +207,7 @@ def test_q_pool_gradient_follows_max_pool2d_ties(backend, add_bias):
 def test_global_attention_backward_products_agree(shape, dtype):
     # Global attention with 1024 and 256 keys (their score rows are padded in the kernel's buffers), on brgemm and
     # on the BLAS, against float64 autograd of the torch implementation on the same inputs.
-    if "extension" not in BACKENDS or not _brgemm_usable():
+    if "extension" not in BACKENDS or not brgemm_f32_usable():
         pytest.skip("needs the extension with a working fp32 brgemm")
     from sam2_fast import _C
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import sam2_fast
 from sam2_fast import cpu_gemm, dense
 
-from helpers import assert_close_verbose, encoder_pair, flat_outputs
+from helpers import assert_close_verbose, brgemm_f32_usable, encoder_pair, flat_outputs
 
 needs_onednn = pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="torch has no oneDNN here")
 
@@ -179,18 +179,9 @@ def test_encoder_outputs_and_gradients_agree_on_both_libraries(library):
         assert_close_verbose(onednn_grads[name], e, atol=1e-4 * max(e.abs().max().item(), 1e-6), name=name)
 
 
-def _brgemm_usable() -> bool:
-    from sam2_fast import _extension
-
-    if _extension.load_error() is not None:
-        return False
-    from sam2_fast import _C
-
-    return _C.brgemm_f32_usable()
-
-
-needs_brgemm = pytest.mark.skipif(not _brgemm_usable(), reason="needs the extension and a working fp32 brgemm "
-                                  "(oneDNN's micro-kernels need AVX-512)")
+needs_brgemm = pytest.mark.skipif(
+    not brgemm_f32_usable(), reason="needs the extension and a working fp32 brgemm (oneDNN's micro-kernels need AVX-512)"
+)
 
 
 @needs_brgemm
