@@ -88,7 +88,8 @@ std::tuple<at::Tensor, at::Tensor> linear_weight_grad_cpu(const at::Tensor& grad
   at::parallel_for(0, ranges, 1, [&](int64_t first, int64_t last) {
     std::vector<float> scratch(kOutBlock * kRowChunk);
     for (int64_t r = first; r < last; ++r) {
-      const int64_t begin = chunks * r / ranges * kRowChunk, end = std::min(rows, chunks * (r + 1) / ranges * kRowChunk);
+      const int64_t begin = chunks * r / ranges * kRowChunk;
+      const int64_t end = std::min(rows, chunks * (r + 1) / ranges * kRowChunk);
       accumulate_rows(grad_data + begin * ld_grad, ld_grad, input_data + begin * ld_input, ld_input, end - begin, n, k,
                       partial_data + r * n * ld_partial, ld_partial, bias_data == nullptr ? nullptr : bias_data + r * n,
                       scratch.data());

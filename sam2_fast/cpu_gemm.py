@@ -144,7 +144,8 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` (for where :func:`applies`): on oneDNN without gradients, else :class:`_Linear`."""
     rows = _rows(x)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+    needs_grad = x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    if torch.is_grad_enabled() and needs_grad:
         out = _Linear.apply(rows, weight, bias)
     else:
         out = _product(rows, weight, bias)

@@ -180,7 +180,8 @@ def test_encoder_outputs_and_gradients_agree_on_both_libraries(library):
 
 
 needs_brgemm = pytest.mark.skipif(
-    not brgemm_f32_usable(), reason="needs the extension and a working fp32 brgemm (oneDNN's micro-kernels need AVX-512)"
+    not brgemm_f32_usable(),
+    reason="needs the extension and a working fp32 brgemm (oneDNN's micro-kernels need AVX-512)",
 )
 
 
