@@ -22,7 +22,7 @@
 // the queries scaled (Qs = Q * scale, so that dK = dS^T Qs), K^T, V^T, and Qs^T and dO^T; the key and value gradients
 // accumulate transposed (dK^T += Qs^T dS, dV^T += dO^T P) and are turned back once per window. The products of the
 // fp32 and 16-bit inputs run on ATen's brgemm (oneDNN's micro-kernels) where it works on this CPU (checked once, see
-// brgemm_attention_backward_usable), else, and for fp64, on the BLAS torch links (MKL in the x86-64 Linux wheels).
+// brgemm_f32_usable), else, and for fp64, on the BLAS torch links (MKL in the x86-64 Linux wheels).
 // At the encoder's window shapes on an AMD EPYC Zen 4 (AVX-512, one thread) brgemm ran these products at 1.2x-1.8x
 // the BLAS's speed (MKL takes a narrower code path on that CPU). The element-wise work (reading and pooling tokens,
 // the softmax and its backward, routing and writing the gradients) is compiled for AVX2 + FMA as well as the
@@ -32,7 +32,6 @@
 #include "brgemm_f32.h"
 #include "transpose.h"
 
-#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/native/CPUBlas.h>
 #include <ATen/Parallel.h>
@@ -45,7 +44,6 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <exception>
 #include <optional>
 #include <tuple>
 #include <utility>
