@@ -113,7 +113,7 @@ class _Linear(torch.autograd.Function):
             grad_rows = grad.mm(weight)
         needs_bias = ctx.has_bias and ctx.needs_input_grad[2]
         if ctx.needs_input_grad[1] and _weight_grad_kernel():
-            grad_weight, fused_bias = torch.ops.sam2_fast_ext.linear_weight_grad(grad, rows, needs_bias)
+            grad_weight, fused_bias = _linear_weight_grad(grad, rows, needs_bias)
             return grad_rows, grad_weight, fused_bias if needs_bias else None
         if ctx.needs_input_grad[1]:
             grad_weight = grad.t().mm(rows)
@@ -131,6 +131,10 @@ def _weight_grad_kernel() -> bool:
     from . import _C
 
     return bool(_C.brgemm_f32_usable())
+
+
+def _linear_weight_grad(grad: torch.Tensor, rows: torch.Tensor, with_bias: bool):
+    return torch.ops.sam2_fast_ext.linear_weight_grad(grad, rows, with_bias)
 
 
 # False: the weight and bias gradients on ATen (mm and sum), e.g. to compare the two in one process.

@@ -227,15 +227,8 @@ def test_linear_weight_grad_checks_and_opcheck():
 def test_training_gemms_use_the_weight_grad_kernel(library, monkeypatch):
     library("onednn")
     calls = []
-    kernel = torch.ops.sam2_fast_ext.linear_weight_grad
-
-    class Spy:
-        def __getattr__(self, name):
-            if name == "linear_weight_grad":
-                return lambda *args: calls.append(args[2]) or kernel(*args)
-            return getattr(torch.ops.sam2_fast_ext, name)
-
-    monkeypatch.setattr(cpu_gemm.torch.ops, "sam2_fast_ext", Spy(), raising=False)
+    kernel = cpu_gemm._linear_weight_grad
+    monkeypatch.setattr(cpu_gemm, "_linear_weight_grad", lambda *args: calls.append(args[2]) or kernel(*args))
     x, weight, bias, _ = (t.requires_grad_(True) for t in _operands())
     dense.linear(x, weight, bias).square().sum().backward()
     assert calls == [True]
