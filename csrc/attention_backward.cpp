@@ -113,20 +113,15 @@ struct Products {
 
 std::atomic<bool> brgemm_enabled{true};
 
-// row[0:n] = softmax(row[0:n]) in place for each of `rows` rows `ld` apart, fp32 (vectorized exp).
-SAM2_FAST_MULTIVERSION
-void softmax_rows_f32(float* scores, int64_t rows, int64_t n, int64_t ld) {
-  for (int64_t i = 0; i < rows; ++i) {
-    float* row = scores + i * ld;
-    const float inverse = 1.0f / exp_shifted_in_place(row, n);
-    for (int64_t j = 0; j < n; ++j) row[j] *= inverse;
-  }
-}
-
+// row[0:n] = softmax(row[0:n]) in place for each of `rows` rows `ld` apart (fp32: the vectorized exp of exp8.h).
 template <typename acc_t>
 SAM2_FAST_INLINE void softmax_rows(acc_t* scores, int64_t rows, int64_t n, int64_t ld) {
   if constexpr (std::is_same_v<acc_t, float>) {
-    softmax_rows_f32(scores, rows, n, ld);
+    for (int64_t i = 0; i < rows; ++i) {
+      float* row = scores + i * ld;
+      const float inverse = 1.0f / exp_shifted_in_place(row, n);
+      for (int64_t j = 0; j < n; ++j) row[j] *= inverse;
+    }
   } else {
     for (int64_t i = 0; i < rows; ++i) {
       acc_t* row = scores + i * ld;
@@ -475,9 +470,7 @@ std::tuple<at::Tensor, at::Tensor> attention_backward_cpu(
 
 }  // namespace
 
-bool brgemm_attention_backward_usable() { return brgemm_f32_usable(); }
-
-bool brgemm_attention_backward() { return brgemm_enabled.load() && brgemm_attention_backward_usable(); }
+bool brgemm_attention_backward() { return brgemm_enabled.load() && brgemm_f32_usable(); }
 
 void set_brgemm_attention_backward(bool enabled) { brgemm_enabled.store(enabled); }
 

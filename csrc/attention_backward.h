@@ -3,10 +3,8 @@
 
 namespace sam2_fast {
 
-// Whether ATen's fp32 brgemm (oneDNN's micro-kernels) works on this CPU and oneDNN is enabled in torch.
-bool brgemm_attention_backward_usable();
-
-// Whether the fp32 and 16-bit attention backward runs its products on brgemm (else on the BLAS torch links).
+// Whether the fp32 and 16-bit attention backward runs its products on brgemm (else on the BLAS torch links): allowed
+// (set_brgemm_attention_backward) and brgemm_f32_usable().
 bool brgemm_attention_backward();
 
 // Allow (the default) or forbid the brgemm products, e.g. to compare them with the BLAS's.

@@ -77,8 +77,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("brgemm_f32_usable", &sam2_fast::brgemm_f32_usable,
         "Whether ATen's fp32 brgemm (oneDNN's micro-kernels) works on this CPU and oneDNN is enabled: the attention "
         "backward's products and linear_weight_grad need it.");
-  m.def("brgemm_attention_backward_usable", &sam2_fast::brgemm_attention_backward_usable,
-        "Whether ATen's fp32 brgemm works on this CPU (and oneDNN is enabled).");
   m.def("set_brgemm_attention_backward", &sam2_fast::set_brgemm_attention_backward, pybind11::arg("enabled"),
         "Allow (the default) or forbid the brgemm products of the CPU attention backward, e.g. to compare them with "
         "the BLAS's.");

@@ -27,6 +27,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .precision import extension_flag
+
 LIBRARIES = ("auto", "onednn", "blas")
 ENV_VAR = "SAM2_FAST_CPU_FP32_GEMM"
 
@@ -113,8 +115,8 @@ class _Linear(torch.autograd.Function):
             grad_rows = grad.mm(weight)
         needs_bias = ctx.has_bias and ctx.needs_input_grad[2]
         if ctx.needs_input_grad[1] and _weight_grad_kernel():
-            grad_weight, fused_bias = _linear_weight_grad(grad, rows, needs_bias)
-            return grad_rows, grad_weight, fused_bias if needs_bias else None
+            grad_weight, grad_bias = _linear_weight_grad(grad, rows, needs_bias)
+            return grad_rows, grad_weight, grad_bias if needs_bias else None
         if ctx.needs_input_grad[1]:
             grad_weight = grad.t().mm(rows)
         if needs_bias:
@@ -124,13 +126,7 @@ class _Linear(torch.autograd.Function):
 
 def _weight_grad_kernel() -> bool:
     """Whether the extension's linear_weight_grad (fp32 brgemm) computes the weight and bias gradients; else ATen."""
-    from . import _extension
-
-    if not _use_weight_grad_kernel or _extension.load_error() is not None:
-        return False
-    from . import _C
-
-    return bool(_C.brgemm_f32_usable())
+    return _use_weight_grad_kernel and bool(extension_flag("brgemm_f32_usable"))
 
 
 def _linear_weight_grad(grad: torch.Tensor, rows: torch.Tensor, with_bias: bool):

@@ -68,8 +68,7 @@ def _packs_bf16(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         and not _needs_grad(x, weight, bias)
         and type(x) is torch.Tensor
         and not weight.is_inference()
-        and torch.backends.mkldnn.is_available()
-        and torch.backends.mkldnn.enabled
+        and cpu_gemm.onednn_available()
     )
 
 

@@ -29,28 +29,27 @@ def cpu_units_label() -> str:
     return next((label for name, label in CPU_UNITS.items() if units[name]), "no AVX2")
 
 
-def extension_bf16_attention() -> Optional[bool]:
-    """Whether the C++ extension's CPU attention runs bf16 on the matrix units (AMX or AVX512-BF16, through ATen's
-    brgemm) here, rather than on its fp32 core; None when the extension is not loaded."""
+def extension_flag(name: str) -> Optional[bool]:
+    """``sam2_fast._C.<name>()``, one of the extension's yes/no queries; None when the extension is not loaded."""
     from . import _extension
 
     if _extension.load_error() is not None:
         return None
     from . import _C
 
-    return bool(_C.bf16_matrix_attention())
+    return bool(getattr(_C, name)())
+
+
+def extension_bf16_attention() -> Optional[bool]:
+    """Whether the C++ extension's CPU attention runs bf16 on the matrix units (AMX or AVX512-BF16, through ATen's
+    brgemm) here, rather than on its fp32 core; None when the extension is not loaded."""
+    return extension_flag("bf16_matrix_attention")
 
 
 def brgemm_attention_backward() -> Optional[bool]:
     """Whether the C++ extension's CPU attention backward (fp32, bf16, fp16) runs its products on ATen's brgemm
     (oneDNN's micro-kernels) rather than on the BLAS; None when the extension is not loaded."""
-    from . import _extension
-
-    if _extension.load_error() is not None:
-        return None
-    from . import _C
-
-    return bool(_C.brgemm_attention_backward())
+    return extension_flag("brgemm_attention_backward")
 
 
 def _cpu_has_native(dtype: torch.dtype) -> bool:

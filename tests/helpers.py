@@ -205,10 +205,6 @@ def assert_low_precision_attention_error(name: str, actual: torch.Tensor, emulat
 
 def brgemm_f32_usable() -> bool:
     """Whether the C++ extension is loaded and ATen's fp32 brgemm works on this CPU (oneDNN's micro-kernels)."""
-    from sam2_fast import _extension
+    from sam2_fast.precision import extension_flag
 
-    if _extension.load_error() is not None:
-        return False
-    from sam2_fast import _C
-
-    return _C.brgemm_f32_usable()
+    return bool(extension_flag("brgemm_f32_usable"))

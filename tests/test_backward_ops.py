@@ -144,7 +144,7 @@ def products(request):
         return
     from sam2_fast import _C
 
-    if request.param == "brgemm" and not _C.brgemm_attention_backward_usable():
+    if request.param == "brgemm" and not _C.brgemm_f32_usable():
         pytest.skip("ATen's fp32 brgemm does not work on this CPU (oneDNN's micro-kernels need AVX-512)")
     _C.set_brgemm_attention_backward(request.param == "brgemm")
     try:
@@ -234,7 +234,7 @@ def test_brgemm_product_choice():
     from sam2_fast import _C
     from sam2_fast.precision import brgemm_attention_backward
 
-    assert _C.brgemm_attention_backward() == _C.brgemm_attention_backward_usable() == brgemm_attention_backward()
+    assert _C.brgemm_attention_backward() == _C.brgemm_f32_usable() == brgemm_attention_backward()
     _C.set_brgemm_attention_backward(False)
     try:
         assert not _C.brgemm_attention_backward()
