@@ -44,6 +44,8 @@ TORCH_LIBRARY(sam2_fast_ext, m) {
   m.def("maxpool2x2_backward(Tensor grad_out, Tensor x) -> Tensor");
   m.def("fpn_upsample_add(Tensor lateral, Tensor prev) -> Tensor");
   m.def("bias_gelu_(Tensor(a!) x, Tensor? bias) -> ()");
+  // A linear layer's product input @ weight^T + bias, and its weight and bias gradients, on CPU in fp32.
+  m.def("linear(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
   m.def("linear_weight_grad(Tensor grad, Tensor input, bool with_bias) -> (Tensor, Tensor)");
   m.def(
       "sine_position_encoding(int height, int width, int num_pos_feats, float temperature, bool normalize, "
@@ -76,7 +78,7 @@ PYBIND11_MODULE(_C, m) {
         "micro-kernels); else on the BLAS torch links.");
   m.def("brgemm_f32_usable", &sam2_fast::brgemm_f32_usable,
         "Whether ATen's fp32 brgemm (oneDNN's micro-kernels) works on this CPU and oneDNN is enabled: the attention "
-        "backward's products and linear_weight_grad need it.");
+        "backward's products, linear and linear_weight_grad need it.");
   m.def("set_brgemm_attention_backward", &sam2_fast::set_brgemm_attention_backward, pybind11::arg("enabled"),
         "Allow (the default) or forbid the brgemm products of the CPU attention backward, e.g. to compare them with "
         "the BLAS's.");

@@ -54,6 +54,7 @@ def _register_fakes() -> None:
     )
     torch.library.register_fake("sam2_fast_ext::fpn_upsample_add")(op_shapes.fpn_upsample_add_output)
     torch.library.register_fake("sam2_fast_ext::bias_gelu_")(op_shapes.check_bias_gelu)
+    torch.library.register_fake("sam2_fast_ext::linear")(op_shapes.linear_output)
     torch.library.register_fake("sam2_fast_ext::linear_weight_grad")(op_shapes.linear_weight_grad_outputs)
     torch.library.register_fake("sam2_fast_ext::sine_position_encoding")(
         lambda height, width, num_pos_feats, temperature, normalize, scale, device: (

@@ -12,8 +12,10 @@ CPUs with AVX-512 where torch was built with oneDNN; :func:`set_fp32_library` or
 environment variable (``auto``, ``onednn``, ``blas``) choose otherwise. Only eager fp32 without autocast takes this
 path; under ``torch.compile`` and ``torch.export`` the GEMMs stay ``F.linear``, which the compiler lowers itself.
 
-Where gradients are needed the products stay on the BLAS (see :class:`_Linear`); only the weight's and bias's
-gradients change, to one extension pass on ATen's fp32 brgemm that also took less time than the BLAS (1.0x-1.3x).
+Where gradients are needed the products do not take oneDNN (see :class:`_Linear`) but the extension's kernels on
+ATen's fp32 brgemm, which sum the reduction in blocks: at or below MKL's rounding error, and over the 55 layers of a
+tiny 512x512 training step 1.12x less time than MKL for the products and 1.23x less for the input's gradients (same
+AMD EPYC Zen 4, 2 threads).
 
 Numerics: fp32 products accumulated in fp32, in another order than the BLAS (within the fp32 tolerance of the
 parity tests); oneDNN's fp32 math mode is left at torch's default (strict fp32, no bf16 or tf32 rounding).
@@ -96,25 +98,35 @@ def _product(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
 
 class _Linear(torch.autograd.Function):
-    """``rows @ weight^T + bias`` where gradients are needed: the product and the input's gradient on the BLAS (as
-    ATen's linear; oneDNN's fp32 products measured 1.6x-4x the BLAS's worst rounding error at the encoder's depths,
-    which the float64 gradient comparison of tests/test_training.py notices), the weight's and bias's in one pass of
-    the extension's ``linear_weight_grad`` on ATen's fp32 brgemm where it works (else ATen)."""
+    """``x @ weight^T + bias`` over the last dimension of ``x`` where gradients are needed. Not on oneDNN: its fp32
+    products sum each output in one chain over the whole reduction and measured 1.6x-4x the BLAS's worst rounding
+    error at the encoder's depths, which the float64 gradient comparison of tests/test_training.py notices. Where
+    ATen's fp32 brgemm works, the product and the input's gradient come from the extension's ``linear`` (chains of
+    at most 128 products, at or below the BLAS's error and faster than it), the weight's and bias's from one pass of
+    ``linear_weight_grad``; else from ATen."""
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        rows = _rows(x)
         ctx.save_for_backward(rows, weight)
-        ctx.has_bias = bias is not None
-        return F.linear(rows, weight, bias)
+        ctx.has_bias, ctx.input_shape = bias is not None, x.shape
+        out = _linear_product(rows, weight, bias) if _brgemm_kernels() else F.linear(rows, weight, bias)
+        return out.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         rows, weight = ctx.saved_tensors
-        grad_rows = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_rows = grad.mm(weight)
         needs_bias = ctx.has_bias and ctx.needs_input_grad[2]
-        if ctx.needs_input_grad[1] and _weight_grad_kernel():
+        if _is_channels_first_map(grad):
+            grad_rows, grad_weight, grad_bias = _channels_first_gradients(ctx, grad, rows, weight, needs_bias)
+            return grad_rows, grad_weight, grad_bias
+        grad = _rows(grad)
+        grad_rows = grad_weight = grad_bias = None
+        kernels = _brgemm_kernels()
+        if ctx.needs_input_grad[0]:
+            grad_rows = _linear_product(grad, weight.t(), None) if kernels else grad.mm(weight)
+            grad_rows = grad_rows.view(ctx.input_shape)
+        if ctx.needs_input_grad[1] and kernels:
             grad_weight, grad_bias = _linear_weight_grad(grad, rows, needs_bias)
             return grad_rows, grad_weight, grad_bias if needs_bias else None
         if ctx.needs_input_grad[1]:
@@ -124,17 +136,55 @@ class _Linear(torch.autograd.Function):
         return grad_rows, grad_weight, grad_bias
 
 
-def _weight_grad_kernel() -> bool:
-    """Whether the extension's linear_weight_grad (fp32 brgemm) computes the weight and bias gradients; else ATen."""
-    return _use_weight_grad_kernel and bool(extension_flag("brgemm_f32_usable"))
+def _is_channels_first_map(grad: torch.Tensor) -> bool:
+    """Whether ``grad`` (B, H, W, C) is the channels-last view of a contiguous (B, C, H, W) map: the gradient a 1x1
+    convolution computed as a GEMM over the pixels of a channels-last map (dense.conv2d) gets from an NCHW loss.
+    Its rows are not contiguous, so ``reshape`` would copy (transpose) the whole map first."""
+    return (
+        grad.dim() == 4
+        and grad.shape[-1] > 1
+        and grad.permute(0, 3, 1, 2).is_contiguous()
+        and not grad.is_contiguous()
+    )
+
+
+def _channels_first_gradients(ctx, grad: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, needs_bias: bool):
+    """The gradients of :class:`_Linear` for a ``grad`` of which :func:`_is_channels_first_map`, per image from
+    its (C, H*W) matrix as it lies in memory (ATen GEMMs read transposed operands as they are)."""
+    batch, channels = grad.shape[0], grad.shape[-1]
+    per_image = grad.permute(0, 3, 1, 2).reshape(batch, channels, -1)  # (B, C, H*W): a view
+    images = rows.view(batch, per_image.shape[-1], rows.shape[-1])
+    grad_rows = grad_weight = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_rows = rows.new_empty(images.shape)
+        for image in range(batch):
+            torch.mm(per_image[image].t(), weight, out=grad_rows[image])
+        grad_rows = grad_rows.view(ctx.input_shape)
+    if ctx.needs_input_grad[1]:
+        grad_weight = per_image[0].mm(images[0])
+        for image in range(1, batch):
+            grad_weight.addmm_(per_image[image], images[image])
+    if needs_bias:
+        grad_bias = per_image.sum((0, 2))
+    return grad_rows, grad_weight, grad_bias
+
+
+def _brgemm_kernels() -> bool:
+    """Whether the extension's fp32 brgemm kernels (linear, linear_weight_grad) run the products in training; else
+    ATen's."""
+    return _use_brgemm_kernels and bool(extension_flag("brgemm_f32_usable"))
+
+
+def _linear_product(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return torch.ops.sam2_fast_ext.linear(rows, weight, bias)
 
 
 def _linear_weight_grad(grad: torch.Tensor, rows: torch.Tensor, with_bias: bool):
     return torch.ops.sam2_fast_ext.linear_weight_grad(grad, rows, with_bias)
 
 
-# False: the weight and bias gradients on ATen (mm and sum), e.g. to compare the two in one process.
-_use_weight_grad_kernel = True
+# False: the products of training on ATen (F.linear, mm and sum), e.g. to compare the two in one process.
+_use_brgemm_kernels = True
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -143,13 +193,10 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` (for where :func:`applies`): on oneDNN without gradients, else :class:`_Linear`."""
-    rows = _rows(x)
     needs_grad = x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     if torch.is_grad_enabled() and needs_grad:
-        out = _Linear.apply(rows, weight, bias)
-    else:
-        out = _product(rows, weight, bias)
-    return out.view(*x.shape[:-1], weight.shape[0])
+        return _Linear.apply(x, weight, bias)
+    return _product(_rows(x), weight, bias).view(*x.shape[:-1], weight.shape[0])
 
 
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:

@@ -29,6 +29,19 @@ def attention_backward_outputs(grad_out, qkv, qkv_bias, out, num_heads, window_s
     return qkv.new_empty(qkv.shape), grad_bias
 
 
+def linear_output(input, weight, bias):
+    """The (M, N) output of input (M, K) @ weight (N, K)^T + bias (N,)."""
+    torch._check(
+        input.dim() == 2 and weight.dim() == 2 and input.shape[1] == weight.shape[1],
+        lambda: f"linear: expected input (M, K) and weight (N, K), got {tuple(input.shape)} and {tuple(weight.shape)}",
+    )
+    torch._check(
+        bias is None or tuple(bias.shape) == (weight.shape[0],),
+        lambda: f"linear: expected a bias of shape ({weight.shape[0]},), got {tuple(bias.shape)}",
+    )
+    return input.new_empty(input.shape[0], weight.shape[0])
+
+
 def linear_weight_grad_outputs(grad, input, with_bias):
     """The (grad_weight (N, K), grad_bias (N,) or (0,)) of a linear layer from grad (M, N) and input (M, K)."""
     torch._check(

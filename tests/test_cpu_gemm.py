@@ -112,9 +112,11 @@ def test_forms_match_aten_in_fp32(library, products, with_bias, layout):
 
 
 @needs_onednn
+@pytest.mark.parametrize("kernels", [True, False], ids=["brgemm-kernels", "aten-products"])
 @pytest.mark.parametrize("needs", ["all", "input only", "weight only"])
-def test_gradients_match_aten(library, products, needs):
+def test_gradients_match_aten(library, products, monkeypatch, needs, kernels):
     library("onednn")
+    monkeypatch.setattr(cpu_gemm, "_use_brgemm_kernels", kernels)
     x, weight, bias, residual = _operands(rows=(2, 9), in_features=33, out_features=17)
     wants = {"all": (True, True, True), "input only": (True, False, False), "weight only": (False, True, True)}[needs]
     leaves = [t.clone().requires_grad_(w) for t, w in zip((x, weight, bias), wants)]
@@ -125,10 +127,37 @@ def test_gradients_match_aten(library, products, needs):
     differentiable = [t for t in leaves if t.requires_grad]
     actual = torch.autograd.grad(out, differentiable, grad)
     expected = torch.autograd.grad(expected_out, [t for t in reference_leaves if t.requires_grad], grad)
-    assert products == []  # with gradients the products stay on the BLAS (cpu_gemm._Linear)
+    assert products == []  # with gradients the products never take oneDNN (cpu_gemm._Linear)
     assert_close_verbose(out.detach(), expected_out.detach(), atol=FP32_ATOL, name="output")
     for name, a, e in zip(("x", "weight", "bias"), actual, expected):
         # the weight's and bias's gradients sum over 18 rows of O(1) products: within fp32 rounding of O(10)
+        assert_close_verbose(a, e, atol=1e-4, name=f"grad {name}")
+
+
+@needs_onednn
+@pytest.mark.parametrize("kernels", [True, False], ids=["brgemm-kernels", "aten-products"])
+def test_pointwise_conv_gradients_from_a_channels_first_loss(library, monkeypatch, kernels):
+    # A 1x1 convolution of a channels-last map runs as a GEMM over its pixels (dense.conv2d); an NCHW gradient then
+    # reaches the GEMM as a (B, H, W, C) view whose rows are not contiguous, and is used per image as it lies.
+    library("onednn")
+    monkeypatch.setattr(cpu_gemm, "_use_brgemm_kernels", kernels)
+    taken = []
+    per_image = cpu_gemm._channels_first_gradients
+    monkeypatch.setattr(cpu_gemm, "_channels_first_gradients", lambda *args: taken.append(1) or per_image(*args))
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 24, 5, 7, generator=generator).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(40, 24, 1, 1, generator=generator), torch.randn(40, generator=generator)
+    grad = torch.randn(2, 40, 5, 7, generator=generator)  # contiguous NCHW
+    leaves = [t.clone().requires_grad_(True) for t in (x, weight, bias)]
+    reference_leaves = [t.clone().requires_grad_(True) for t in (x, weight, bias)]
+    out = dense.conv2d(*leaves, 1, 0)
+    expected_out = F.conv2d(*reference_leaves, 1, 0)
+    actual = torch.autograd.grad(out, leaves, grad)
+    expected = torch.autograd.grad(expected_out, reference_leaves, grad)
+    assert taken == [1]
+    assert_close_verbose(out.detach(), expected_out.detach(), atol=FP32_ATOL, name="output")
+    for name, a, e in zip(("x", "weight", "bias"), actual, expected):
+        # sums over 24 channels (x) or 70 pixels (weight, bias) of O(1) products: within fp32 rounding of O(10)
         assert_close_verbose(a, e, atol=1e-4, name=f"grad {name}")
 
 
@@ -224,11 +253,81 @@ def test_linear_weight_grad_checks_and_opcheck():
 
 @needs_onednn
 @needs_brgemm
-def test_training_gemms_use_the_weight_grad_kernel(library, monkeypatch):
+def test_training_gemms_use_the_brgemm_kernels(library, monkeypatch):
     library("onednn")
     calls = []
-    kernel = cpu_gemm._linear_weight_grad
-    monkeypatch.setattr(cpu_gemm, "_linear_weight_grad", lambda *args: calls.append(args[2]) or kernel(*args))
+    product, weight_grad = cpu_gemm._linear_product, cpu_gemm._linear_weight_grad
+    def spied_product(rows, w, b):
+        calls.append(("product", tuple(w.shape), b is not None))
+        return product(rows, w, b)
+
+    def spied_weight_grad(g, rows, with_bias):
+        calls.append(("weight_grad", with_bias))
+        return weight_grad(g, rows, with_bias)
+
+    monkeypatch.setattr(cpu_gemm, "_linear_product", spied_product)
+    monkeypatch.setattr(cpu_gemm, "_linear_weight_grad", spied_weight_grad)
     x, weight, bias, _ = (t.requires_grad_(True) for t in _operands())
     dense.linear(x, weight, bias).square().sum().backward()
-    assert calls == [True]
+    # the product, then the input's gradient (g @ weight, weight passed transposed), then the weight's and bias's
+    assert calls == [("product", (40, 24), True), ("product", (24, 40), False), ("weight_grad", True)]
+    calls.clear()
+    monkeypatch.setattr(cpu_gemm, "_use_brgemm_kernels", False)
+    dense.linear(x, weight, bias).square().sum().backward()
+    assert calls == []
+
+
+def _linear_operands(shape, weight_layout, generator):
+    rows, in_features, out_features = shape
+    x = torch.randn(rows, in_features + 3, generator=generator)[:, :in_features]  # strided rows
+    weight = torch.randn(out_features, in_features, generator=generator)
+    if weight_layout == "transposed":  # an (K, N) matrix's transpose, as the input's gradient passes it
+        weight = weight.t().contiguous().t()
+    elif weight_layout == "strided":
+        weight = torch.randn(out_features, 2 * in_features, generator=generator)[:, ::2]
+    return x, weight, torch.randn(out_features, generator=generator)
+
+
+@needs_brgemm
+@pytest.mark.parametrize("shape", [(300, 37, 20), (130, 300, 130), (1, 8, 3), (65, 600, 70), (5, 0, 7)],
+                         ids=["ragged", "three_chains", "one_row", "deep", "no_depth"])
+@pytest.mark.parametrize("weight_layout", ["rows", "transposed", "strided"])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_linear_kernel_matches_float64(shape, weight_layout, with_bias, threads):
+    # Tiles of 64 x 64 and chains of 128 products, with remainders in every dimension.
+    x, weight, bias = _linear_operands(shape, weight_layout, torch.Generator().manual_seed(8))
+    bias = bias if with_bias else None
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = torch.ops.sam2_fast_ext.linear(x, weight, bias)
+    finally:
+        torch.set_num_threads(before)
+    expected = x.double() @ weight.double().t() + (0 if bias is None else bias.double())
+    assert out.shape == (shape[0], shape[2]) and out.is_contiguous() and out.dtype == torch.float32
+    # fp32 sums of K O(1) products, in chains of at most 128: within fp32 rounding of the largest partial sums.
+    assert_close_verbose(out, expected.float(), atol=2e-5 * max(shape[1], 1) ** 0.5, name="linear")
+
+
+@needs_brgemm
+def test_linear_kernel_sums_chains_of_at_most_128_products():
+    # One output: 2**24, then 127 zeros, then 128 ones. Summed in one chain each 1 is lost against 2**24 (fp32 has 24
+    # bits); summed in chains of 128 the second chain holds all 128 and the total 2**24 + 128 is exact.
+    x = torch.zeros(1, 256)
+    x[0, 0], x[0, 128:] = 2.0**24, 1.0
+    out = torch.ops.sam2_fast_ext.linear(x, torch.ones(1, 256), None)
+    assert out.item() == 2.0**24 + 128
+
+
+@needs_brgemm
+def test_linear_kernel_checks_and_opcheck():
+    with pytest.raises(RuntimeError, match=r"expected input \(M, K\) and weight \(N, K\), got \[4, 3\] and \[5, 2\]"):
+        torch.ops.sam2_fast_ext.linear(torch.randn(4, 3), torch.randn(5, 2), None)
+    with pytest.raises(RuntimeError, match="expected fp32 input and weight, got Double"):
+        torch.ops.sam2_fast_ext.linear(torch.randn(4, 3).double(), torch.randn(5, 3).double(), None)
+    with pytest.raises(RuntimeError, match=r"expected an fp32 bias of shape \(5\), got Float of shape \[4\]"):
+        torch.ops.sam2_fast_ext.linear(torch.randn(4, 3), torch.randn(5, 3), torch.randn(4))
+    linear = torch.ops.sam2_fast_ext.linear.default
+    torch.library.opcheck(linear, (torch.randn(9, 3), torch.randn(5, 3), torch.randn(5)))
+    torch.library.opcheck(linear, (torch.randn(9, 3), torch.randn(3, 5).t(), None))
