@@ -2,7 +2,7 @@
 // in blocks.
 //
 // input: (M, K) with contiguous rows (any row stride); weight: (N, K), either with contiguous rows or the transpose
-// of a matrix with contiguous rows (weight.t() of an (K, N) weight, as the input's gradient g @ W passes it); bias:
+// of a matrix with contiguous rows (weight.t() of a (K, N) matrix, as the input's gradient g @ W passes it); bias:
 // (N,) or none. fp32 on the CPU. Returns (M, N), contiguous.
 //
 // The output is cut into tiles of kRowBlock x kColBlock, and the threads take equal ranges of tiles, row block by row
