@@ -4,8 +4,8 @@
 four input rows and each output column four input columns, with the cubic convolution weights of ATen (A = -0.75)
 and the taps clamped at the borders. So ``resize(x) = Ah @ x @ Aw^T`` with Ah (out_h, in_h) and Aw (out_w, in_w)
 holding those weights. Its gradient is ``Ah^T @ g @ Aw``: two small products, where ATen's CPU bicubic backward
-scatters 16 taps per output pixel one by one (23.6 ms for the tiny trunk's 96 x 7 x 7 table resized to 128 x 128,
-against well under a millisecond here, on an AMD EPYC Zen 4 with 2 threads).
+scatters 16 taps per output pixel one by one. For the tiny trunk's 96 x 7 x 7 table resized to 128 x 128, forward
+and backward took 2.0 ms here against 24.7 ms through ``F.interpolate`` (AMD EPYC Zen 4, 2 threads).
 
 The weights are computed as ATen computes them (in fp32 for fp32 and lower-precision maps, in fp64 for fp64), and the
 columns are interpolated before the rows, as ATen does: results agree with ``F.interpolate`` to within the rounding
