@@ -9,7 +9,8 @@ elementwise ops, on every device and backend:
 - ``linear_gelu``: the GELU runs in place on the GEMM's output when no gradient needs its input; in fp32 on a
   backend with a fused bias + GELU kernel (the CPU extension), the GEMM skips its bias and that kernel adds it.
 - ``conv2d``: a 1x1, stride-1 convolution of a channels-last map is a GEMM over its pixels; it is computed as one
-  and returned as a channels-last (B, C, H, W) view.
+  and returned as a channels-last (B, C, H, W) view. In CPU training off sam2_fast.cpu_gemm's path it stays ATen's
+  convolution, whose backward reads an NCHW gradient as it lies.
 
 Rounding is the reference's wherever a low-precision dtype is involved: under autocast, and in bf16/fp16, each
 GEMM's result is rounded before the residual add, as ``residual + F.linear(x)`` does; only fp32 without autocast
