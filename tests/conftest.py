@@ -12,3 +12,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def library():
+    """Set the eager fp32 CPU GEMM library (sam2_fast.cpu_gemm) for one test, restoring the setting after it."""
+    from sam2_fast import cpu_gemm
+
+    before = cpu_gemm.get_fp32_library_setting()
+    yield cpu_gemm.set_fp32_library
+    cpu_gemm.set_fp32_library(before)

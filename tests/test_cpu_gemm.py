@@ -25,14 +25,6 @@ FP32_ATOL = 2e-5
 
 
 @pytest.fixture
-def library():
-    """Set the fp32 GEMM library for one test, restoring the setting after it."""
-    before = cpu_gemm.get_fp32_library_setting()
-    yield cpu_gemm.set_fp32_library
-    cpu_gemm.set_fp32_library(before)
-
-
-@pytest.fixture
 def products(monkeypatch):
     """Count the calls that reach oneDNN."""
     calls = []

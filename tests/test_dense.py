@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import sam2_fast
-from sam2_fast import cpu_gemm, dense, hiera, ops
+from sam2_fast import dense, hiera, ops
 from sam2_fast.precision import CPU_NATIVE_LOW_PRECISION
 
 from helpers import assert_close_verbose, encoder_pair, flat_outputs
@@ -125,7 +125,7 @@ def test_conv2d_matches_torch(layout, kernel, stride, padding):
 
 
 @pytest.mark.parametrize("precision", ["fp32-blas", "bf16-autocast"])
-def test_pointwise_conv_in_cpu_training_is_a_convolution_unless_fp32_gemms_are_ours(monkeypatch, precision):
+def test_pointwise_conv_in_cpu_training_is_a_convolution_unless_fp32_gemms_are_ours(library, monkeypatch, precision):
     # Where sam2_fast.cpu_gemm does not take the GEMM (the BLAS chosen, autocast), a 1x1 convolution that needs
     # gradients runs as ATen's convolution, which reads an NCHW loss's gradient as it lies; without gradients it
     # stays a GEMM over the pixels.
@@ -133,28 +133,24 @@ def test_pointwise_conv_in_cpu_training_is_a_convolution_unless_fp32_gemms_are_o
     image = torch.randn(2, 6, 5, 7, generator=generator).contiguous(memory_format=torch.channels_last)
     weight, bias = torch.randn(9, 6, 1, 1, generator=generator), torch.randn(9, generator=generator)
     grad = torch.randn(2, 9, 5, 7, generator=generator)
-    before = cpu_gemm.get_fp32_library_setting()
-    cpu_gemm.set_fp32_library("blas")
+    library("blas")
     gemms = []
     linear, packed_linear = dense.linear, dense._packed_linear  # the GEMM, or its prepacked bf16 form
     monkeypatch.setattr(dense, "linear", lambda *args: gemms.append(1) or linear(*args))
     monkeypatch.setattr(dense, "_packed_linear",
                         lambda *args, **kwargs: gemms.append(1) or packed_linear(*args, **kwargs))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-autocast")
-    try:
-        leaves = [t.clone().requires_grad_(True) for t in (image, weight, bias)]
-        reference_leaves = [t.clone().requires_grad_(True) for t in (image, weight, bias)]
-        with autocast:
-            out = dense.conv2d(*leaves, 1, 0)
-            expected_out = F.conv2d(*reference_leaves, 1, 0)
-        assert gemms == []
-        actual = torch.autograd.grad(out, leaves, grad.to(out.dtype))
-        expected = torch.autograd.grad(expected_out, reference_leaves, grad.to(expected_out.dtype))
-        with torch.no_grad(), autocast:
-            dense.conv2d(image, weight, bias, 1, 0)
-        assert gemms == [1]
-    finally:
-        cpu_gemm.set_fp32_library(before)
+    leaves = [t.clone().requires_grad_(True) for t in (image, weight, bias)]
+    reference_leaves = [t.clone().requires_grad_(True) for t in (image, weight, bias)]
+    with autocast:
+        out = dense.conv2d(*leaves, 1, 0)
+        expected_out = F.conv2d(*reference_leaves, 1, 0)
+    assert gemms == []
+    actual = torch.autograd.grad(out, leaves, grad.to(out.dtype))
+    expected = torch.autograd.grad(expected_out, reference_leaves, grad.to(expected_out.dtype))
+    with torch.no_grad(), autocast:
+        dense.conv2d(image, weight, bias, 1, 0)
+    assert gemms == [1]
     if precision == "fp32-blas":  # the same ATen convolution on the same operands: equal
         tolerance = dict(atol=0, rtol=0)
     else:  # on CPUs without bf16 units ours is emulated in fp32 and rounded once: within a bf16 rounding or two
