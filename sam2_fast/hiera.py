@@ -334,8 +334,11 @@ class Hiera(nn.Module):
         """Input H and W must be multiples of this: the patch stride (4) times the pos-embed window tile."""
         return 4 * self.window_spec[0]
 
+    def _pos_embed_takes_gradients(self) -> bool:
+        return torch.is_grad_enabled() and self.pos_embed.requires_grad
+
     def _compute_pos_embed(self, hw: Tuple[int, int]) -> torch.Tensor:
-        if torch.is_grad_enabled() and self.pos_embed.requires_grad and not torch.compiler.is_compiling():
+        if self._pos_embed_takes_gradients() and not torch.compiler.is_compiling():
             # Eager training: as two matrix products, whose backward is far quicker than ATen's bicubic backward.
             pos_embed = bicubic.resize(self.pos_embed, hw)
         else:
@@ -346,7 +349,7 @@ class Hiera(nn.Module):
 
     def _get_pos_embed(self, hw: Tuple[int, int]) -> torch.Tensor:
         """The (1, h, w, C) positional embedding; cached for inference, recomputed while it can take gradients."""
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and self.pos_embed.requires_grad):
+        if torch.compiler.is_compiling() or self._pos_embed_takes_gradients():
             return self._compute_pos_embed(hw)
         if self.pos_embed.is_inference() or self.pos_embed_window.is_inference():
             # Weights created under torch.inference_mode have no version counter, so a cache could not see them
