@@ -41,7 +41,7 @@ import torch.distributed as dist
 from . import ops
 from .build import build_image_encoder
 from .configs import CONFIGS, DEFAULT_CONFIG
-from .images import is_image_name, normalize, read_rgb, resize
+from .images import ImageError, is_image_name, normalize, read_rgb, resize
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The encoder outputs that can be stored, by their name in the shards. vision_features is also SAM-2's
@@ -91,8 +91,8 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, position: int):
         try:
             rgb = read_rgb(self.paths[position])
-        except Exception as error:  # Pillow raises several types for unreadable files; each is a per-image failure
-            return position, None, None, f"{type(error).__name__}: {error}"
+        except ImageError as error:  # a per-image failure: reported in the index, the run goes on
+            return position, None, None, str(error)
         return position, normalize(resize(rgb, self.image_size)), tuple(rgb.shape[:2]), None
 
 

@@ -113,9 +113,13 @@ def test_embeddings_equal_the_encoder_and_failures_are_indexed(single_process_ru
     assert list(statuses) == sorted(GOOD + BAD) + ["missing.png", "readme.md"]
     assert {name for name, status in statuses.items() if status == "ok"} == set(GOOD)
     errors = {os.path.relpath(line["path"], image_set): line["error"] for line in index if line["status"] == "error"}
-    assert "truncated" in errors["broken.jpg"]
-    assert "cannot identify image file" in errors["notes.png"] and "cannot identify" in errors["readme.md"]
-    assert "No such file" in errors["missing.png"]
+    # Each names the file and the reason, as read_rgb's ImageError says it.
+    reasons = {name: error[len(f"image {image_set / name}: "):] for name, error in errors.items()}
+    assert all(error.startswith(f"image {image_set / name}: ") for name, error in errors.items())
+    assert reasons["broken.jpg"].startswith("the image data is cut short or damaged (Pillow: image file is truncated")
+    assert reasons["notes.png"] == "not an image: this looks like a text file (it starts with 'not an image')"
+    assert reasons["readme.md"].startswith("not an image: this looks like a text file (it starts with 'not searched")
+    assert reasons["missing.png"] == "no such file"
 
     embedded = _embedded(single_process_run)
     for line in index:
