@@ -11,15 +11,17 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import traceback
 from typing import List, Optional
 
 import torch
 
 from . import cpu_gemm, embed, ops
 from .build import build_image_encoder
+from .checkpoint import CheckpointError
 from .configs import CONFIGS, DEFAULT_CONFIG
 from .embed import DTYPES
-from .images import load_image, normalize
+from .images import ImageError, load_image, normalize
 
 
 def sample_image(size: int) -> torch.Tensor:
@@ -73,31 +75,32 @@ def command_encode(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype]
     if args.backend:
         ops.set_backend(args.backend)
+    # Every image is read before the encoder is built: a bad file stops the command before any work.
+    inputs = [(source or "<generated sample>",
+               normalize((sample_image(args.size) if source is None else load_image(source, args.size))[None]))
+              for source in args.images or [None]]
     encoder = build_image_encoder(args.config, checkpoint=args.checkpoint, device=device, dtype=dtype)
     if args.compile:
         encoder = torch.compile(encoder, fullgraph=True)
-    sources = args.images or [None]
     print(f"config {args.config}, {'checkpoint ' + args.checkpoint if args.checkpoint else 'random weights'}, "
           f"device {device}, dtype {args.dtype}, {args.size}x{args.size}")
     print("backends: " + ", ".join(f"{op}={backend}" for op, backend in ops.active_backends(device.type).items()))
 
     with torch.inference_mode():
-        first = normalize(sample_image(args.size)[None] if sources[0] is None else load_image(sources[0], args.size)[None])
         warmup_start = time.perf_counter()
-        encoder(first.to(device, dtype))  # first call: caches, kernel compilation (and torch.compile if asked)
+        encoder(inputs[0][1].to(device, dtype))  # first call: caches, kernel compilation (and torch.compile if asked)
         _synchronize(device)
         print(f"warm-up (first call) {time.perf_counter() - warmup_start:.2f} s")
 
         results, times = [], []
-        for source in tqdm(sources, desc="encoding", unit="img", disable=len(sources) < 2):
-            pixels = sample_image(args.size) if source is None else load_image(source, args.size)
-            batch = normalize(pixels[None]).to(device, dtype)
+        for source, pixels in tqdm(inputs, desc="encoding", unit="img", disable=len(inputs) < 2):
+            batch = pixels.to(device, dtype)
             for _ in range(args.repeats):
                 start = time.perf_counter()
                 output = encoder(batch)
                 _synchronize(device)
                 times.append(time.perf_counter() - start)
-            results.append((source or "<generated sample>", batch, output))
+            results.append((source, batch, output))
 
     times.sort()
     print(f"time per image: median {1000 * times[len(times) // 2]:.1f} ms over {len(times)} runs")
@@ -133,12 +136,17 @@ def command_encode(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sam2-fast", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
+    # What the commands that read image and checkpoint files share.
+    reading = argparse.ArgumentParser(add_help=False)
+    reading.add_argument("--debug", action="store_true",
+                         help="on a bad image or checkpoint file, show the traceback, not only the one-line error")
 
     info = commands.add_parser("info", help="which backends can run each op here")
     info.add_argument("--device", choices=("cpu", "cuda"))
     info.set_defaults(run=command_info)
 
-    encode = commands.add_parser("encode", help="encode images (or a generated sample) with a SAM-2 image encoder")
+    encode = commands.add_parser("encode", parents=[reading],
+                                 help="encode images (or a generated sample) with a SAM-2 image encoder")
     encode.add_argument("images", nargs="*", help="image files; none: a generated sample image")
     encode.add_argument("--config", default=DEFAULT_CONFIG, choices=sorted(CONFIGS))
     encode.add_argument("--checkpoint", help="SAM-2 checkpoint (.pt full model or encoder state_dict, .safetensors)")
@@ -152,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--out", help="save the embeddings to this .pt file")
     encode.set_defaults(run=command_encode)
 
-    embedding = commands.add_parser("embed", help="embed many images into safetensors shards (resumable, torchrun)",
+    embedding = commands.add_parser("embed", parents=[reading],
+                                    help="embed many images into safetensors shards (resumable, torchrun)",
                                     description=embed.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     embed.add_arguments(embedding)
     embedding.set_defaults(run=embed.run)
@@ -160,8 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run a command; an image or checkpoint file that cannot be read ends it with status 2 and one line on stderr
+    naming the file and the reason (with ``--debug``, after the traceback)."""
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (CheckpointError, ImageError) as error:
+        if args.debug:
+            traceback.print_exc()
+        print(f"sam2-fast {args.command}: error: {' '.join(str(error).splitlines())}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

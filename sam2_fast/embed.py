@@ -56,8 +56,22 @@ SHARD_METADATA_KEY = "sam2_fast_embed"
 # ----------------------------------------------------------------------------------------------------------------
 # Inputs
 
+def _read_list(path: str) -> List[str]:
+    """The entries of a list file: one path a line; blank lines and ``#`` comments skipped."""
+    try:
+        with open(path) as listing:
+            lines = listing.read().splitlines()
+    except UnicodeDecodeError as error:
+        raise ImageError(f"image list {path}: not a text file (one image path a line)") from error
+    except OSError as error:
+        raise ImageError(f"image list {path}: cannot be read ({error.strerror or error})") from error
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
 def collect_inputs(sources: Sequence[str]) -> List[str]:
-    """The image paths named by ``sources`` (files, folders, list files), absolute, each once, in order."""
+    """The image paths named by ``sources`` (files, folders, list files), absolute, each once, in order. A list
+    file that cannot be read raises :class:`~sam2_fast.images.ImageError`; a missing or bad image is the run's
+    to report."""
     paths: Dict[str, None] = {}
     for source in sources:
         if os.path.isdir(source):
@@ -67,11 +81,7 @@ def collect_inputs(sources: Sequence[str]) -> List[str]:
                              for name in sorted(files) if is_image_name(name))
         elif source.lower().endswith(LIST_SUFFIXES):
             base = os.path.dirname(os.path.abspath(source))
-            with open(source) as listing:
-                for line in listing:
-                    entry = line.strip()
-                    if entry and not entry.startswith("#"):
-                        paths[os.path.abspath(os.path.join(base, entry))] = None
+            paths.update((os.path.abspath(os.path.join(base, entry)), None) for entry in _read_list(source))
         else:
             # Named explicitly: tried whatever its name, and reported if it is missing or not an image.
             paths[os.path.abspath(source)] = None
@@ -332,6 +342,9 @@ def run(args: argparse.Namespace) -> int:
         ops.set_backend(args.backend)
     processes = start_processes(args.device)
     try:
+        # The checkpoint is read first: a bad one stops the run before the output folder is touched.
+        encoder = build_image_encoder(args.config, checkpoint=args.checkpoint, device=processes.device,
+                                      dtype=DTYPES[args.dtype])
         work = _broadcast(processes, plan(args) if processes.rank == 0 else None)
         mine = work["todo"][processes.rank::processes.world_size]
         settings = settings_of(args)
@@ -341,8 +354,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"{len(work['inputs'])} inputs: {work['skipped']} already embedded, {len(work['todo'])} to embed"
                   f"{f' over {processes.world_size} processes' if processes.distributed else ''}")
 
-        encoder = build_image_encoder(args.config, checkpoint=args.checkpoint, device=processes.device,
-                                      dtype=DTYPES[args.dtype])
         if args.compile:
             encoder = torch.compile(encoder, fullgraph=True, dynamic=False)
         loader = torch.utils.data.DataLoader(
@@ -412,10 +423,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sam2_fast.embed", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """``python -m sam2_fast.embed ARGS``: ``sam2-fast embed ARGS``, with its handling of bad files."""
+    from .cli import main as cli_main  # cli imports this module
+
+    return cli_main(["embed", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
