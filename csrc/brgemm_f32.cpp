@@ -4,6 +4,7 @@
 
 #include <ATen/Context.h>
 #include <ATen/native/CPUBlas.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <exception>
@@ -11,8 +12,8 @@
 namespace sam2_fast {
 namespace {
 
-// Whether ATen's fp32 brgemm computes a small product in plain row-major layout correctly here (it raises where
-// oneDNN's micro-kernels are not built or do not support this CPU). Small integers: exact in any order.
+// Whether ATen's fp32 brgemm computes a small product in plain row-major layout correctly here. Small integers: exact
+// in any order.
 bool brgemm_f32_works() {
   constexpr int64_t m = 3, n = 5, k = 4;
   float a[m * k], b[k * n], c[m * n] = {}, expected[m * n] = {};
@@ -27,7 +28,6 @@ bool brgemm_f32_works() {
   }
   try {
     at::native::cpublas::brgemm(m, n, k, k, n, n, false, a, b, c, false);
-    at::native::cpublas::brgemm_release(false);
   } catch (const std::exception&) {
     return false;
   }
@@ -39,6 +39,11 @@ bool brgemm_f32_works() {
 bool brgemm_f32_usable() {
   static const bool works = brgemm_f32_works();
   return works && at::globalContext().userEnabledMkldnn();
+}
+
+void check_brgemm_f32_usable(const char* op) {
+  TORCH_CHECK(brgemm_f32_usable(), op, ": needs ATen's fp32 brgemm, which is not usable here (oneDNN is disabled in "
+              "torch, or the brgemm failed its check)");
 }
 
 }  // namespace sam2_fast

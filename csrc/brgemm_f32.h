@@ -1,13 +1,20 @@
-// ATen's fp32 brgemm (oneDNN's micro-kernels): whether it can be used here, and the strides its operands get.
+// ATen's fp32 brgemm (oneDNN's micro-kernels from AVX2 up): whether it can be used here, and the strides its operands
+// get.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 namespace sam2_fast {
 
-// Whether ATen's fp32 brgemm computes a small product in plain row-major layout correctly on this CPU (checked once:
-// it raises where oneDNN's micro-kernels are not built or do not support the CPU) and oneDNN is enabled in torch.
+// Whether ATen's fp32 brgemm computes a small product in plain row-major layout correctly here (checked once) and
+// oneDNN is enabled in torch. ATen runs it on oneDNN's micro-kernels where oneDNN's ISA is AVX2 or above (capped by
+// ONEDNN_MAX_CPU_ISA), and below that on its own BLAS gemm instead, so the check fails only where oneDNN is
+// disabled (torch.backends.mkldnn) or ATen's brgemm raises or computes wrongly.
 bool brgemm_f32_usable();
+
+// Raises unless brgemm_f32_usable(), naming `op`: the entry check of the kernels that need it.
+void check_brgemm_f32_usable(const char* op);
 
 // The row stride of a matrix with n columns: n, or a little more where n columns make a multiple of 1 KB (fp32),
 // whose rows would all fall into the same few cache sets (at 1024 keys the attention backward's products ran about

@@ -1,9 +1,11 @@
 // linear on CPU: input @ weight^T + bias in fp32 on ATen's fp32 brgemm (oneDNN's micro-kernels), the reduction summed
 // in blocks.
 //
-// input: (M, K) with contiguous rows (any row stride); weight: (N, K), either with contiguous rows or the transpose
-// of a matrix with contiguous rows (weight.t() of a (K, N) matrix, as the input's gradient g @ W passes it); bias:
-// (N,) or none. fp32 on the CPU. Returns (M, N), contiguous.
+// input: (M, K), weight: (N, K), bias: (N,) or none; fp32 on the CPU, any strides. Returns (M, N), contiguous.
+// input is read row-major as it lies where its rows do not overlap (row_major, tensor_args.h: padded rows, one row),
+// else from a contiguous copy (a broadcast gradient with stride 0, a transposed or column-strided input); weight is
+// read as it lies where it is the transpose of such a matrix (weight.t() of a (K, N) matrix, as the input's gradient
+// g @ W passes it), else transposed once from its row-major form into a scratch matrix.
 //
 // The output is cut into tiles of kRowBlock x kColBlock, and the threads take equal ranges of tiles, row block by row
 // block. A tile's first kDepthBlock terms are summed by brgemm straight into the output, each further kDepthBlock
@@ -27,6 +29,7 @@
 
 #include "brgemm_f32.h"
 #include "cpu_utils.h"
+#include "tensor_args.h"
 #include "transpose.h"
 
 namespace sam2_fast {
@@ -70,55 +73,54 @@ void transpose_rows(const float* weight, int64_t ld_weight, int64_t begin, int64
   transpose(weight + begin * ld_weight, end - begin, k, ld_weight, dst + begin, ld_dst);
 }
 
+// The transpose of weight (cols, depth), as a new row-major matrix with rows padded_stride(cols) apart.
+RowMajor transposed(const RowMajor& weight) {
+  const int64_t cols = weight.matrix.size(0), depth = weight.matrix.size(1);
+  const RowMajor b{at::empty({depth, padded_stride(cols)}, weight.matrix.options()), padded_stride(cols)};
+  const float* weight_data = weight.matrix.const_data_ptr<float>();
+  float* b_data = b.matrix.mutable_data_ptr<float>();
+  at::parallel_for(0, cols, kTransposeRows, [&](int64_t begin, int64_t end) {
+    transpose_rows(weight_data, weight.ld, begin, end, depth, b_data, b.ld);
+  });
+  return b;
+}
+
 at::Tensor linear_cpu(const at::Tensor& input_in, const at::Tensor& weight_in,
                       const std::optional<at::Tensor>& bias_in) {
-  TORCH_CHECK(input_in.dim() == 2 && weight_in.dim() == 2 && input_in.size(1) == weight_in.size(1),
-              "linear: expected input (M, K) and weight (N, K), got ", input_in.sizes(), " and ", weight_in.sizes());
-  TORCH_CHECK(input_in.scalar_type() == at::kFloat && weight_in.scalar_type() == at::kFloat,
-              "linear: expected fp32 input and weight, got ", input_in.scalar_type(), " and ", weight_in.scalar_type());
+  check_dims("linear", "input", input_in, 2, "(M, K)");
+  check_dims("linear", "weight", weight_in, 2, "(N, K)");
+  TORCH_CHECK(input_in.size(1) == weight_in.size(1), "linear: expected input (M, K) and weight (N, K), got ",
+              input_in.sizes(), " and ", weight_in.sizes());
+  check_dtype("linear", "input", input_in, {at::kFloat});
+  check_dtype("linear", "weight", weight_in, {at::kFloat});
+  check_same_device("linear", "weight", weight_in, "input", input_in);
   const int64_t rows = input_in.size(0), depth = input_in.size(1), cols = weight_in.size(0);
   const bool has_bias = bias_in.has_value() && bias_in->defined();
   if (has_bias) {
-    TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == cols && bias_in->scalar_type() == at::kFloat,
-                "linear: expected an fp32 bias of shape (", cols, "), got ", bias_in->scalar_type(), " of shape ",
-                bias_in->sizes());
+    check_sizes("linear", "bias", *bias_in, {cols});
+    check_dtype("linear", "bias", *bias_in, {at::kFloat});
+    check_same_device("linear", "bias", *bias_in, "input", input_in);
   }
-  TORCH_CHECK(brgemm_f32_usable(), "linear: ATen's fp32 brgemm is not usable on this CPU");
+  check_brgemm_f32_usable("linear");
   at::Tensor out = at::empty({rows, cols}, input_in.options());
   if (rows == 0 || cols == 0) return out;
-  const at::Tensor input = input_in.stride(1) == 1 ? input_in : input_in.contiguous();
+  const RowMajor a = row_major(input_in);
   const at::Tensor bias = has_bias ? bias_in->contiguous() : at::Tensor();
-  // b = weight^T, (depth, cols) with contiguous rows: weight's own memory where weight is a transpose, else a copy.
-  at::Tensor b;
-  int64_t ld_b = 0;
-  if (weight_in.stride(0) == 1 && weight_in.stride(1) >= cols) {
-    b = weight_in;
-    ld_b = weight_in.stride(1);
-  } else {
-    const at::Tensor weight = weight_in.contiguous();
-    ld_b = padded_stride(cols);
-    b = at::empty({depth, ld_b}, weight.options());
-    const float* weight_data = weight.const_data_ptr<float>();
-    float* b_data = b.mutable_data_ptr<float>();
-    at::parallel_for(0, cols, kTransposeRows, [&](int64_t begin, int64_t end) {
-      transpose_rows(weight_data, depth, begin, end, depth, b_data, ld_b);
-    });
-  }
-  const float* a_data = input.const_data_ptr<float>();
-  const float* b_data = b.const_data_ptr<float>();
+  // b = weight^T, (depth, cols): weight's own memory where weight is the transpose of a row-major matrix.
+  const RowMajor b = is_row_major(weight_in.t()) ? row_major(weight_in.t()) : transposed(row_major(weight_in));
+  const float* a_data = a.matrix.const_data_ptr<float>();
+  const float* b_data = b.matrix.const_data_ptr<float>();
   const float* bias_data = has_bias ? bias.const_data_ptr<float>() : nullptr;
   float* out_data = out.mutable_data_ptr<float>();
-  const int64_t ld_a = std::max<int64_t>(input.stride(0), depth);
   const int64_t row_blocks = (rows + kRowBlock - 1) / kRowBlock, col_blocks = (cols + kColBlock - 1) / kColBlock;
   at::parallel_for(0, row_blocks * col_blocks, 1, [&](int64_t first, int64_t last) {
     std::vector<float> partial(kRowBlock * kColBlock);
     for (int64_t tile = first; tile < last; ++tile) {
       const int64_t i0 = tile / col_blocks * kRowBlock, j0 = tile % col_blocks * kColBlock;
-      product_tile(a_data + i0 * ld_a, ld_a, b_data + j0, ld_b, bias_data == nullptr ? nullptr : bias_data + j0,
+      product_tile(a_data + i0 * a.ld, a.ld, b_data + j0, b.ld, bias_data == nullptr ? nullptr : bias_data + j0,
                    out_data + i0 * cols + j0, cols, std::min(kRowBlock, rows - i0), std::min(kColBlock, cols - j0),
                    depth, partial.data());
     }
-    at::native::cpublas::brgemm_release(false);
   });
   return out;
 }

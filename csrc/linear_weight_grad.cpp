@@ -1,8 +1,9 @@
 // linear_weight_grad on CPU: a linear layer's weight and bias gradients, dW = grad^T input and db = the column sums
 // of grad, fp32, on ATen's fp32 brgemm (oneDNN's micro-kernels).
 //
-// grad: (M, N), input: (M, K), fp32 on the CPU, each with contiguous rows (any row stride); with_bias: whether to
-// return db. Returns dW (N, K), contiguous, and db (N,) (shape (0,) without with_bias).
+// grad: (M, N), input: (M, K), fp32 on the CPU, any strides: each is read row-major as it lies where its rows do not
+// overlap (row_major, tensor_args.h), else from a contiguous copy (a broadcast gradient with stride 0, a transposed
+// one). with_bias: whether to return db. Returns dW (N, K), contiguous, and db (N,) (shape (0,) without with_bias).
 //
 // The threads split the M rows into equal ranges. For each chunk of kRowChunk rows a thread transposes a block of
 // kOutBlock columns of grad at a time (in registers) and brgemm adds its product with the chunk of input into the
@@ -24,6 +25,7 @@
 
 #include "brgemm_f32.h"
 #include "cpu_utils.h"
+#include "tensor_args.h"
 #include "transpose.h"
 
 namespace sam2_fast {
@@ -55,36 +57,35 @@ void accumulate_rows(const float* grad, int64_t ld_grad, const float* input, int
       }
     }
   }
-  at::native::cpublas::brgemm_release(false);
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_weight_grad_cpu(const at::Tensor& grad_in, const at::Tensor& input_in,
                                                           bool with_bias) {
-  TORCH_CHECK(grad_in.dim() == 2 && input_in.dim() == 2 && grad_in.size(0) == input_in.size(0),
-              "linear_weight_grad: expected grad (M, N) and input (M, K), got ", grad_in.sizes(), " and ",
-              input_in.sizes());
-  TORCH_CHECK(grad_in.scalar_type() == at::kFloat && input_in.scalar_type() == at::kFloat,
-              "linear_weight_grad: expected fp32 grad and input, got ", grad_in.scalar_type(), " and ",
-              input_in.scalar_type());
-  TORCH_CHECK(brgemm_f32_usable(), "linear_weight_grad: ATen's fp32 brgemm is not usable on this CPU");
-  const at::Tensor grad = grad_in.stride(1) == 1 ? grad_in : grad_in.contiguous();
-  const at::Tensor input = input_in.stride(1) == 1 ? input_in : input_in.contiguous();
-  const int64_t rows = grad.size(0), n = grad.size(1), k = input.size(1);
+  check_dims("linear_weight_grad", "grad", grad_in, 2, "(M, N)");
+  check_dims("linear_weight_grad", "input", input_in, 2, "(M, K)");
+  TORCH_CHECK(grad_in.size(0) == input_in.size(0), "linear_weight_grad: expected grad (M, N) and input (M, K), got ",
+              grad_in.sizes(), " and ", input_in.sizes());
+  check_dtype("linear_weight_grad", "grad", grad_in, {at::kFloat});
+  check_dtype("linear_weight_grad", "input", input_in, {at::kFloat});
+  check_same_device("linear_weight_grad", "input", input_in, "grad", grad_in);
+  check_brgemm_f32_usable("linear_weight_grad");
+  const RowMajor grad = row_major(grad_in), input = row_major(input_in);
+  const int64_t rows = grad_in.size(0), n = grad_in.size(1), k = input_in.size(1);
   const int64_t ld_partial = padded_stride(k);
   // Ranges of whole chunks, at most one per thread.
   const int64_t chunks = (rows + kRowChunk - 1) / kRowChunk;
   const int64_t ranges = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), chunks));
-  at::Tensor partials = at::empty({ranges, n, ld_partial}, grad.options());
-  at::Tensor bias_partials = at::empty({ranges, with_bias ? n : 0}, grad.options());
+  at::Tensor partials = at::empty({ranges, n, ld_partial}, grad_in.options());
+  at::Tensor bias_partials = at::empty({ranges, with_bias ? n : 0}, grad_in.options());
   if (rows == 0) {
     partials.zero_();
     bias_partials.zero_();
   }
-  const float* grad_data = grad.const_data_ptr<float>();
-  const float* input_data = input.const_data_ptr<float>();
+  const float* grad_data = grad.matrix.const_data_ptr<float>();
+  const float* input_data = input.matrix.const_data_ptr<float>();
   float* partial_data = partials.mutable_data_ptr<float>();
   float* bias_data = with_bias ? bias_partials.mutable_data_ptr<float>() : nullptr;
-  const int64_t ld_grad = grad.stride(0), ld_input = input.stride(0);
+  const int64_t ld_grad = grad.ld, ld_input = input.ld;
   at::parallel_for(0, ranges, 1, [&](int64_t first, int64_t last) {
     std::vector<float> scratch(kOutBlock * kRowChunk);
     for (int64_t r = first; r < last; ++r) {
@@ -97,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor> linear_weight_grad_cpu(const at::Tensor& grad
   });
   at::Tensor weight_grad = (ranges == 1 ? partials[0] : partials.sum(0)).narrow(1, 0, k).contiguous();
   at::Tensor bias_grad = with_bias ? (ranges == 1 ? bias_partials[0].clone() : bias_partials.sum(0))
-                                   : at::empty({0}, grad.options());
+                                   : at::empty({0}, grad_in.options());
   return {weight_grad, bias_grad};
 }
 

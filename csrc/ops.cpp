@@ -77,8 +77,9 @@ PYBIND11_MODULE(_C, m) {
         "Whether the CPU attention backward (fp32, bf16, fp16) runs its products on ATen's brgemm (oneDNN's "
         "micro-kernels); else on the BLAS torch links.");
   m.def("brgemm_f32_usable", &sam2_fast::brgemm_f32_usable,
-        "Whether ATen's fp32 brgemm (oneDNN's micro-kernels) works on this CPU and oneDNN is enabled: the attention "
-        "backward's products, linear and linear_weight_grad need it.");
+        "Whether ATen's fp32 brgemm works here and oneDNN is enabled in torch: the attention backward's products, "
+        "linear and linear_weight_grad need it. ATen runs it on oneDNN's micro-kernels where oneDNN's ISA is AVX2 or "
+        "above (ONEDNN_MAX_CPU_ISA caps it), else on its BLAS gemm.");
   m.def("set_brgemm_attention_backward", &sam2_fast::set_brgemm_attention_backward, pybind11::arg("enabled"),
         "Allow (the default) or forbid the brgemm products of the CPU attention backward, e.g. to compare them with "
         "the BLAS's.");

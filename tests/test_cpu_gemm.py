@@ -203,7 +203,8 @@ def test_encoder_outputs_and_gradients_agree_on_both_libraries(library):
 
 needs_brgemm = pytest.mark.skipif(
     not brgemm_f32_usable(),
-    reason="needs the extension and a working fp32 brgemm (oneDNN's micro-kernels need AVX-512)",
+    reason="needs the extension and ATen's fp32 brgemm with oneDNN enabled in torch (it runs on oneDNN's "
+    "micro-kernels from AVX2 up, on ATen's BLAS gemm below; see csrc/brgemm_f32.h)",
 )
 
 
@@ -236,10 +237,14 @@ def test_linear_weight_grad_kernel_matches_float64(shape, with_bias, threads):
 
 @needs_brgemm
 def test_linear_weight_grad_checks_and_opcheck():
-    with pytest.raises(RuntimeError, match=r"expected grad \(M, N\) and input \(M, K\)"):
+    with pytest.raises(RuntimeError, match=r"expected grad \(M, N\) and input \(M, K\), got \[4, 3\] and \[5, 2\]"):
         torch.ops.sam2_fast_ext.linear_weight_grad(torch.randn(4, 3), torch.randn(5, 2), True)
-    with pytest.raises(RuntimeError, match="expected fp32"):
+    with pytest.raises(RuntimeError, match=r"linear_weight_grad: expected input of shape \(M, K\), got \[4\]"):
+        torch.ops.sam2_fast_ext.linear_weight_grad(torch.randn(4, 3), torch.randn(4), True)
+    with pytest.raises(RuntimeError, match="linear_weight_grad: expected grad of dtype Float, got Double"):
         torch.ops.sam2_fast_ext.linear_weight_grad(torch.randn(4, 3).double(), torch.randn(4, 2).double(), True)
+    with pytest.raises(RuntimeError, match="linear_weight_grad: expected input of dtype Float, got BFloat16"):
+        torch.ops.sam2_fast_ext.linear_weight_grad(torch.randn(4, 3), torch.randn(4, 2).bfloat16(), True)
     torch.library.opcheck(torch.ops.sam2_fast_ext.linear_weight_grad.default,
                           (torch.randn(9, 3), torch.randn(9, 5), True))
 
@@ -317,10 +322,71 @@ def test_linear_kernel_sums_chains_of_at_most_128_products():
 def test_linear_kernel_checks_and_opcheck():
     with pytest.raises(RuntimeError, match=r"expected input \(M, K\) and weight \(N, K\), got \[4, 3\] and \[5, 2\]"):
         torch.ops.sam2_fast_ext.linear(torch.randn(4, 3), torch.randn(5, 2), None)
-    with pytest.raises(RuntimeError, match="expected fp32 input and weight, got Double"):
+    with pytest.raises(RuntimeError, match=r"linear: expected weight of shape \(N, K\), got \[5, 3, 1\]"):
+        torch.ops.sam2_fast_ext.linear(torch.randn(4, 3), torch.randn(5, 3, 1), None)
+    with pytest.raises(RuntimeError, match="linear: expected input of dtype Float, got Double"):
         torch.ops.sam2_fast_ext.linear(torch.randn(4, 3).double(), torch.randn(5, 3).double(), None)
-    with pytest.raises(RuntimeError, match=r"expected an fp32 bias of shape \(5\), got Float of shape \[4\]"):
+    with pytest.raises(RuntimeError, match="linear: expected weight of dtype Float, got Half"):
+        torch.ops.sam2_fast_ext.linear(torch.randn(4, 3), torch.randn(5, 3).half(), None)
+    with pytest.raises(RuntimeError, match=r"linear: expected bias of shape \[5\], got \[4\]"):
         torch.ops.sam2_fast_ext.linear(torch.randn(4, 3), torch.randn(5, 3), torch.randn(4))
+    with pytest.raises(RuntimeError, match="linear: expected bias of dtype Float, got Double"):
+        torch.ops.sam2_fast_ext.linear(torch.randn(4, 3), torch.randn(5, 3), torch.randn(5).double())
     linear = torch.ops.sam2_fast_ext.linear.default
     torch.library.opcheck(linear, (torch.randn(9, 3), torch.randn(5, 3), torch.randn(5)))
     torch.library.opcheck(linear, (torch.randn(9, 3), torch.randn(3, 5).t(), None))
+
+
+def _broadcast(values: torch.Tensor, along: str) -> torch.Tensor:
+    """values' first row (along "rows") or first column (along "columns") expanded over the others: stride 0."""
+    return values[:1].expand(values.shape) if along == "rows" else values[:, :1].expand(values.shape)
+
+
+@needs_brgemm
+@pytest.mark.parametrize("rows", [1, 67], ids=["one_row", "ragged"])
+@pytest.mark.parametrize("along", ["rows", "columns"])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_linear_kernels_read_a_broadcast_gradient(rows, along, threads):
+    # A loss over pooled features (out.sum((2, 3)).square()) hands the GEMMs of the layers below it an expanded
+    # gradient: stride 0 along its rows, or along its columns. linear (the input's gradient, g @ W with W passed
+    # transposed) and linear_weight_grad must read what is there, not rows one leading dimension apart.
+    generator = torch.Generator().manual_seed(rows)
+    grad = _broadcast(torch.randn(rows, 48, generator=generator), along)
+    weight = torch.randn(48, 40, generator=generator)  # (out_features, in_features)
+    x = torch.randn(rows, 40, generator=generator)
+    assert 0 in grad.stride() or rows == 1
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        grad_x = torch.ops.sam2_fast_ext.linear(grad, weight.t(), None)
+        grad_weight, grad_bias = torch.ops.sam2_fast_ext.linear_weight_grad(grad, x, True)
+    finally:
+        torch.set_num_threads(before)
+    # fp32 sums of at most 67 O(1) products, in chains of at most 128: within fp32 rounding of the partial sums.
+    atol = 2e-5 * 67 ** 0.5
+    assert_close_verbose(grad_x, (grad.double() @ weight.double()).float(), atol=atol, name="input grad")
+    assert_close_verbose(grad_weight, (grad.double().t() @ x.double()).float(), atol=atol, name="weight grad")
+    assert_close_verbose(grad_bias, grad.double().sum(0).float(), atol=atol, name="bias grad")
+
+
+@needs_onednn
+@needs_brgemm
+def test_encoder_gradients_from_a_pooled_feature_loss(library):
+    # The loss of a bug once seen, on the tiny encoder in train mode at batch 1: its gradients reach the GEMMs as
+    # expanded (stride 0) views, which made NaN of 42 of the 162 parameter gradients on the brgemm kernels (oneDNN
+    # library). They must agree with the BLAS library's, which runs the products on ATen's GEMMs.
+    _, encoder = encoder_pair("sam2.1_hiera_tiny")
+    encoder = encoder.train()
+    image = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    grads = {}
+    for name in ("blas", "onednn"):
+        library(name)
+        encoder.zero_grad(set_to_none=True)
+        out = encoder(image)
+        sum(level.sum((2, 3)).square().sum() for level in [out["vision_features"], *out["backbone_fpn"]]).backward()
+        grads[name] = {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None}
+    encoder.eval()
+    for name, expected in grads["blas"].items():
+        # fp32 gradients through 12 blocks, summed in another order: 1e-4 of the gradient's magnitude
+        assert_close_verbose(grads["onednn"][name], expected, atol=1e-4 * max(expected.abs().max().item(), 1e-6),
+                             name=name)
