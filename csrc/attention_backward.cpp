@@ -1,9 +1,11 @@
 // attention_backward on CPU: the gradients of window_attention, and of global_attention (window_size 0), with
 // respect to the qkv map and the qkv bias.
 //
-// grad_out, out: (B, H_out, W_out, dim), the gradient of the forward's output and that output; qkv: (B, H, W,
-// 3 * dim) as the forward got it (without its bias when add_bias), any strides over B, H, W; qkv_bias: (3 * dim,) or
-// None; num_heads, window_size, q_pool, add_bias: the forward's. fp32, bf16, fp16 or fp64.
+// grad_out, out: (B, H_out, W_out, dim), the gradient of the forward's output and that output (any strides, read
+// from contiguous copies where they are not contiguous); qkv: (B, H, W, 3 * dim) as the forward got it (without its
+// bias when add_bias), read with its own strides over B, H, W (any, 0 included), its channels made contiguous first
+// where they are strided; qkv_bias: (3 * dim,) of any floating dtype, or None; num_heads, window_size, q_pool,
+// add_bias: the forward's. fp32, bf16, fp16 or fp64 (grad_out and out of qkv's dtype).
 // Returns grad_qkv (B, H, W, 3 * dim), contiguous, qkv's dtype, and the qkv bias's gradient (3 * dim,) in its dtype
 // (shape (0,) without a bias).
 //
@@ -52,6 +54,7 @@
 
 #include "cpu_utils.h"
 #include "exp8.h"
+#include "tensor_args.h"
 #include "vec8.h"
 
 // The BLAS that torch links (MKL in the x86-64 Linux wheels; ATen calls the same symbols). Weak, so that the library
@@ -406,30 +409,26 @@ void run_backward_tasks(const BackwardProblem<c10::Half>& p, int64_t begin, int6
 std::tuple<at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& qkv_in, const std::optional<at::Tensor>& qkv_bias,
     const at::Tensor& out_in, int64_t num_heads, int64_t window_size, bool q_pool, bool add_bias) {
-  TORCH_CHECK(qkv_in.dim() == 4, "attention_backward: expected qkv of shape (B, H, W, 3 * dim), got ", qkv_in.sizes());
-  TORCH_CHECK(num_heads > 0 && qkv_in.size(3) % (3 * num_heads) == 0, "attention_backward: qkv's last dim ",
-              qkv_in.size(3), " is not a multiple of 3 * num_heads = ", 3 * num_heads);
+  check_qkv("attention_backward", qkv_in, num_heads);
   TORCH_CHECK(window_size >= 0, "attention_backward: expected window_size >= 0 (0: global), got ", window_size);
   TORCH_CHECK(!q_pool || window_size % 2 == 0, "attention_backward: q_pool needs an even window_size, got ",
               window_size);
   TORCH_CHECK(!add_bias || qkv_bias.has_value(), "attention_backward: add_bias needs a qkv_bias, got None");
-  const at::Tensor qkv = qkv_in.stride(3) == 1 ? qkv_in : qkv_in.contiguous();
+  const at::Tensor qkv = with_unit_channel_stride(qkv_in);
   const bool global = window_size == 0;
   const int64_t batch = qkv.size(0), height = qkv.size(1), width = qkv.size(2), dim = qkv.size(3) / 3;
   const int64_t head_dim = dim / num_heads, step = q_pool ? 2 : 1;
   const int64_t out_h = height / step, out_w = width / step;
   const std::vector<int64_t> out_shape{batch, out_h, out_w, dim};
-  TORCH_CHECK(grad_out_in.sizes() == out_shape && out_in.sizes() == out_shape,
-              "attention_backward: expected grad_out and out of shape ", out_shape, ", got ", grad_out_in.sizes(),
-              " and ", out_in.sizes());
-  TORCH_CHECK(grad_out_in.scalar_type() == qkv.scalar_type() && out_in.scalar_type() == qkv.scalar_type(),
-              "attention_backward: expected grad_out and out of qkv's dtype ", qkv.scalar_type(), ", got ",
-              grad_out_in.scalar_type(), " and ", out_in.scalar_type());
+  for (const auto& [name, tensor] : {std::pair{"grad_out", &grad_out_in}, std::pair{"out", &out_in}}) {
+    check_sizes("attention_backward", name, *tensor, out_shape);
+    check_dtype("attention_backward", name, *tensor, {qkv.scalar_type()});
+    check_same_device("attention_backward", name, *tensor, "qkv", qkv);
+  }
   const at::Tensor grad_out = grad_out_in.contiguous(), out = out_in.contiguous();
   at::Tensor bias;  // in qkv's dtype, as the forward reads it
   if (qkv_bias.has_value()) {
-    TORCH_CHECK(qkv_bias->dim() == 1 && qkv_bias->size(0) == 3 * dim, "attention_backward: expected qkv_bias of shape (",
-                3 * dim, ",), got ", qkv_bias->sizes());
+    check_qkv_bias("attention_backward", *qkv_bias, qkv);
     bias = qkv_bias->to(qkv.scalar_type()).contiguous();
   }
   at::Tensor grad_qkv = at::empty(qkv.sizes(), qkv.options());

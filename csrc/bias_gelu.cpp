@@ -2,8 +2,9 @@
 // bias (the MLP's first layer): one pass over the activations instead of the bias broadcast before the GEMM and
 // ATen's GELU pass after it.
 //
-// x: (..., C) fp32, modified in place (any strides; a non-contiguous x is computed on a contiguous copy and copied
-// back). bias: (C,) fp32, or None for gelu(x).
+// x: (..., C) fp32, modified in place: any strides whose elements do not share memory (a non-contiguous x is computed
+// on a contiguous copy, which is then written back into x itself; an expanded x, stride 0, is refused: an in-place op
+// cannot write it). bias: (C,) fp32, any strides, or None for gelu(x).
 //
 // gelu(x) = x * (1 + erf(x / sqrt(2))) / 2 with erf from a rational fit, z * P(s) / Q(s), fitted by
 // csrc/fit_gelu_erf.py (coefficients below): at most 1.7e-8 from erf in exact arithmetic and 4.1e-7 evaluated in
@@ -11,14 +12,16 @@
 // float64 GELU, where torch's fp32 GELU is within 3.8e-7). It costs ten FMAs and one division per 8 values, with no
 // exp: about half the time of torch's GELU pass on this project's CPU benchmark machine.
 
-#include <ATen/core/Tensor.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <cstdint>
 #include <optional>
 
 #include "cpu_utils.h"
+#include "tensor_args.h"
 #include "vec8.h"
 
 namespace sam2_fast {
@@ -69,14 +72,16 @@ void bias_gelu_row(float* row, const float* bias, int64_t count) {
 }
 
 void bias_gelu_cpu_(const at::Tensor& x, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "bias_gelu_: expected a float32 tensor, got ", x.scalar_type());
-  TORCH_CHECK(x.dim() >= 1, "bias_gelu_: expected a tensor of shape (..., C), got a scalar");
+  TORCH_CHECK(x.dim() >= 1, "bias_gelu_: expected x of shape (..., C), got a scalar");
+  check_dtype("bias_gelu_", "x", x, {at::kFloat});
+  TORCH_CHECK(at::has_internal_overlap(x) != at::MemOverlap::Yes,
+              "bias_gelu_: x has elements that share memory (an expanded tensor, strides ", x.strides(),
+              "), which an in-place op cannot write");
   const int64_t channels = x.size(-1);
   if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat, "bias_gelu_: expected a float32 bias, got ", bias->scalar_type());
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == channels, "bias_gelu_: expected a bias of shape (", channels,
-                ",) for x of shape ", x.sizes(), ", got ", bias->sizes());
-    TORCH_CHECK(bias->device() == x.device(), "bias_gelu_: x is on ", x.device(), " but bias is on ", bias->device());
+    check_sizes("bias_gelu_", "bias", *bias, {channels});
+    check_dtype("bias_gelu_", "bias", *bias, {at::kFloat});
+    check_same_device("bias_gelu_", "bias", *bias, "x", x);
   }
   if (x.numel() == 0) return;
   if (!x.is_contiguous()) {

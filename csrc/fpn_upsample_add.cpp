@@ -1,6 +1,7 @@
 // fpn_upsample_add on CPU: the FPN top-down fusion `lateral + nearest_upsample_2x(prev.float())` in one pass.
 //
-// lateral: (B, C, 2h, 2w), prev: (B, C, h, w), any strides and any floating dtypes (they may differ).
+// lateral: (B, C, 2h, 2w), prev: (B, C, h, w), fp32, bf16, fp16 or fp64 (they may differ), read with their own
+// strides, whatever they are (0 included).
 // out: (B, C, 2h, 2w), contiguous, dtype promote_types(lateral.dtype, float32) as in the reference, where the
 // upsampled term is float32. prev is rounded to float32 before the add, exactly as `prev.to(torch.float32)` does.
 
@@ -11,6 +12,7 @@
 #include <torch/library.h>
 
 #include "cpu_utils.h"
+#include "tensor_args.h"
 
 namespace sam2_fast {
 namespace {
@@ -65,11 +67,7 @@ void fpn_upsample_add_kernel(const at::Tensor& lateral, const at::Tensor& prev, 
 }
 
 at::Tensor fpn_upsample_add_cpu(const at::Tensor& lateral, const at::Tensor& prev) {
-  TORCH_CHECK(
-      lateral.dim() == 4 && prev.dim() == 4 && lateral.size(0) == prev.size(0) && lateral.size(1) == prev.size(1) &&
-          lateral.size(2) == 2 * prev.size(2) && lateral.size(3) == 2 * prev.size(3),
-      "fpn_upsample_add: expected lateral (B, C, 2h, 2w) and prev (B, C, h, w), got ", lateral.sizes(), " and ",
-      prev.sizes());
+  check_fpn_upsample_add_args(lateral, prev);
   const at::ScalarType out_dtype = c10::promoteTypes(lateral.scalar_type(), at::kFloat);
   at::Tensor out = at::empty(lateral.sizes(), lateral.options().dtype(out_dtype));
   if (out.numel() == 0) return out;

@@ -1,6 +1,6 @@
 // global_attention on CPU: multi-head attention over all H * W tokens of each image (Hiera's global blocks).
 //
-// qkv: (B, H, W, 3 * dim), any strides, channels split as (3, num_heads, head_dim); fp32/bf16/fp16.
+// qkv: (B, H, W, 3 * dim), any strides, channels split as (3, num_heads, head_dim); fp32/bf16/fp16/fp64.
 // out: (B, H_out, W_out, dim), contiguous, qkv's dtype; (H_out, W_out) = (H, W), or (H // 2, W // 2) with q_pool
 // (q max-pooled 2x2, floor, by this extension's maxpool2x2), scale 1 / sqrt(head_dim), no mask.
 //
@@ -24,6 +24,7 @@
 
 #include "attention_bf16.h"
 #include "cpu_utils.h"
+#include "tensor_args.h"
 
 namespace sam2_fast {
 namespace {
@@ -112,11 +113,10 @@ at::Tensor global_attention_bf16(const at::Tensor& qkv, const at::Tensor& q_map,
 }
 
 at::Tensor global_attention_cpu(const at::Tensor& qkv_in, int64_t num_heads, bool q_pool) {
-  TORCH_CHECK(qkv_in.dim() == 4, "global_attention: expected qkv of shape (B, H, W, 3 * dim), got ", qkv_in.sizes());
-  TORCH_CHECK(num_heads > 0 && qkv_in.size(3) % (3 * num_heads) == 0, "global_attention: qkv's last dim ",
-              qkv_in.size(3), " is not a multiple of 3 * num_heads = ", 3 * num_heads);
+  check_qkv("global_attention", qkv_in, num_heads);
   const bool matrix_units = qkv_in.scalar_type() == at::kBFloat16 && bf16_matrix_attention();
-  const at::Tensor qkv = (matrix_units && qkv_in.stride(3) != 1) ? qkv_in.contiguous() : qkv_in;
+  // ATen's attention reads q, k and v with any strides; the bf16 path reads runs of channels per token.
+  const at::Tensor qkv = matrix_units ? with_unit_channel_stride(qkv_in) : qkv_in;
   const int64_t batch = qkv.size(0), dim = qkv.size(3) / 3;
   const int64_t head_dim = dim / num_heads;
   at::Tensor q_map = qkv.narrow(3, 0, dim);

@@ -1,6 +1,7 @@
 // maxpool2x2 on CPU: 2x2 max-pool, stride 2, floor, of a channels-last map.
 //
-// x: (B, H, W, C), any strides over B, H, W (channels are made contiguous if they are not); fp32, bf16 or fp16.
+// x: (B, H, W, C), fp32, bf16, fp16 or fp64, read with its own strides over B, H, W (any, 0 included), its channels
+// made contiguous first where they are strided.
 // out: (B, H // 2, W // 2, C), contiguous, x's dtype. NaN propagates as in torch.nn.functional.max_pool2d.
 
 #include <ATen/Dispatch.h>
@@ -13,6 +14,7 @@
 #include <type_traits>
 
 #include "cpu_utils.h"
+#include "tensor_args.h"
 
 namespace sam2_fast {
 namespace {
@@ -92,8 +94,9 @@ void max4_rows(const scalar_t* a, const scalar_t* b, const scalar_t* c, const sc
 }
 
 at::Tensor maxpool2x2_cpu(const at::Tensor& x_in) {
-  TORCH_CHECK(x_in.dim() == 4, "maxpool2x2: expected a (B, H, W, C) map, got shape ", x_in.sizes());
-  const at::Tensor x = x_in.stride(3) == 1 ? x_in : x_in.contiguous();
+  check_dims("maxpool2x2", "x", x_in, 4, "(B, H, W, C)");
+  check_dtype("maxpool2x2", "x", x_in, kFloatingDtypes);
+  const at::Tensor x = with_unit_channel_stride(x_in);
   const int64_t batch = x.size(0), height = x.size(1), width = x.size(2), channels = x.size(3);
   const int64_t out_h = height / 2, out_w = width / 2;
   at::Tensor out = at::empty({batch, out_h, out_w, channels}, x.options());

@@ -1,6 +1,8 @@
 // maxpool2x2_backward on CPU: the gradient of maxpool2x2 (2x2 max-pool, stride 2, floor, channels-last).
 //
-// grad_out: (B, H // 2, W // 2, C); x: (B, H, W, C), the forward's input, any strides over B, H, W; same dtype.
+// grad_out: (B, H // 2, W // 2, C), any strides (read from a contiguous copy where it is not contiguous); x: (B, H,
+// W, C), the forward's input, read with its own strides over B, H, W (any, 0 included), its channels made contiguous
+// first where they are strided; fp32, bf16, fp16 or fp64, both of one dtype.
 // Returns grad_x (B, H, W, C), contiguous, x's dtype: each pooled gradient goes to the token max_pool2d takes in its
 // 2x2 window (the first maximum in scan order: top-left, top-right, bottom-left, bottom-right; the last NaN if there
 // is one), every other token gets zero. The winner is found again from x, so no indices are saved in the forward.
@@ -13,23 +15,22 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <vector>
 
 #include "cpu_utils.h"
+#include "tensor_args.h"
 
 namespace sam2_fast {
 namespace {
 
 at::Tensor maxpool2x2_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in) {
-  TORCH_CHECK(x_in.dim() == 4, "maxpool2x2_backward: expected x of shape (B, H, W, C), got ", x_in.sizes());
-  const at::Tensor x = x_in.stride(3) == 1 ? x_in : x_in.contiguous();
+  check_dims("maxpool2x2_backward", "x", x_in, 4, "(B, H, W, C)");
+  check_dtype("maxpool2x2_backward", "x", x_in, kFloatingDtypes);
+  const at::Tensor x = with_unit_channel_stride(x_in);
   const int64_t batch = x.size(0), height = x.size(1), width = x.size(2), channels = x.size(3);
   const int64_t out_h = height / 2, out_w = width / 2;
-  const std::vector<int64_t> out_shape{batch, out_h, out_w, channels};
-  TORCH_CHECK(grad_out_in.sizes() == out_shape, "maxpool2x2_backward: expected grad_out of shape ", out_shape,
-              ", got ", grad_out_in.sizes());
-  TORCH_CHECK(grad_out_in.scalar_type() == x.scalar_type(), "maxpool2x2_backward: expected grad_out of x's dtype ",
-              x.scalar_type(), ", got ", grad_out_in.scalar_type());
+  check_sizes("maxpool2x2_backward", "grad_out", grad_out_in, {batch, out_h, out_w, channels});
+  check_dtype("maxpool2x2_backward", "grad_out", grad_out_in, {x.scalar_type()});
+  check_same_device("maxpool2x2_backward", "grad_out", grad_out_in, "x", x);
   if (grad_out_in.numel() == 0) return at::zeros(x.sizes(), x.options());
   const at::Tensor grad_out = grad_out_in.contiguous();
   at::Tensor grad_x = at::empty(x.sizes(), x.options());

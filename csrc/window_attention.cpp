@@ -1,8 +1,9 @@
 // window_attention on CPU: Hiera's windowed multi-head attention, read and written in place.
 //
-// qkv: (B, H, W, 3 * dim), any strides over B, H, W, channels split as (3, num_heads, head_dim); fp32/bf16/fp16.
-// qkv_bias: (3 * dim,) or None, the q, k and v of the padding tokens (the reference pads the normed input with
-// zeros before the qkv projection); they attend unmasked, as in the reference.
+// qkv: (B, H, W, 3 * dim), channels split as (3, num_heads, head_dim); fp32/bf16/fp16/fp64; read with its own
+// strides over B, H, W (any, 0 included), its channels made contiguous first where they are strided.
+// qkv_bias: (3 * dim,) of any floating dtype, or None, the q, k and v of the padding tokens (the reference pads the
+// normed input with zeros before the qkv projection); they attend unmasked, as in the reference.
 // add_bias: qkv is the bare projection and qkv_bias is added to every token as it is read (rounded to qkv's dtype,
 // as `qkv + qkv_bias` in that dtype would be): the GEMM then skips its bias pass over the whole qkv map.
 // out: (B, H_out, W_out, dim), contiguous, qkv's dtype; (H_out, W_out) = (H, W), or (H // 2, W // 2) with q_pool.
@@ -32,6 +33,7 @@
 #include "attention_bf16.h"
 #include "attention_core.h"
 #include "cpu_utils.h"
+#include "tensor_args.h"
 
 namespace sam2_fast {
 namespace {
@@ -245,15 +247,6 @@ class Bf16WindowSolver {
   Bf16AttentionScratch scratch_;
 };
 
-// Checks a (B, H, W, 3 * dim) qkv map and returns it with contiguous channels.
-inline at::Tensor checked_qkv(const at::Tensor& qkv, int64_t num_heads, const char* op_name) {
-  TORCH_CHECK(qkv.dim() == 4, op_name, ": expected qkv of shape (B, H, W, 3 * dim), got ", qkv.sizes());
-  TORCH_CHECK(num_heads > 0 && qkv.size(3) % (3 * num_heads) == 0, op_name, ": qkv's last dim ", qkv.size(3),
-              " is not a multiple of 3 * num_heads = ", 3 * num_heads);
-  return qkv.stride(3) == 1 ? qkv : qkv.contiguous();
-}
-
-
 // How many tasks ahead each thread prefetches the q, k and v it will read. Against prefetching the whole next
 // window at its first head, on a 2-core AMD EPYC at tiny's seven window shapes (in-model sizes, 8 rotating inputs,
 // interleaved): 1 task ahead took 5-8% less time per forward, 2 ahead 7-11%, 4 ahead 9-13%; also prefetching the
@@ -263,21 +256,19 @@ constexpr int64_t kPrefetchTasksAhead = 4;
 at::Tensor window_attention_cpu(
     const at::Tensor& qkv_in, const std::optional<at::Tensor>& qkv_bias, int64_t num_heads, int64_t window_size,
     bool q_pool, bool add_bias) {
-  const at::Tensor qkv = checked_qkv(qkv_in, num_heads, "window_attention");
+  check_qkv("window_attention", qkv_in, num_heads);
   TORCH_CHECK(window_size > 0, "window_attention: expected a positive window_size, got ", window_size);
   // An odd window would pool to fewer rows than H // 2 (each window drops its last row), a case Hiera never has.
+  TORCH_CHECK(!add_bias || qkv_bias.has_value(), "window_attention: add_bias needs a qkv_bias, got None");
+  const at::Tensor qkv = with_unit_channel_stride(qkv_in);
   TORCH_CHECK(!q_pool || window_size % 2 == 0, "window_attention: q_pool needs an even window_size, got ",
               window_size);
   const int64_t batch = qkv.size(0), height = qkv.size(1), width = qkv.size(2), dim = qkv.size(3) / 3;
   const int64_t head_dim = dim / num_heads;
-  TORCH_CHECK(!add_bias || qkv_bias.has_value(), "window_attention: add_bias needs a qkv_bias, got None");
   // The padding tokens read as `fill`; with add_bias they read as zeros and get the bias added like every token.
   at::Tensor fill, bias;
   if (qkv_bias.has_value()) {
-    TORCH_CHECK(qkv_bias->dim() == 1 && qkv_bias->size(0) == 3 * dim,
-                "window_attention: expected qkv_bias of shape (", 3 * dim, ",), got ", qkv_bias->sizes());
-    TORCH_CHECK(qkv_bias->device() == qkv.device(), "window_attention: qkv_bias is on ", qkv_bias->device(),
-                ", qkv on ", qkv.device());
+    check_qkv_bias("window_attention", *qkv_bias, qkv);
     bias = qkv_bias->to(qkv.scalar_type()).contiguous();  // rounded to qkv's dtype, as the reference pads
   }
   fill = (bias.defined() && !add_bias) ? bias : at::zeros({3 * dim}, qkv.options());

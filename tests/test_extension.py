@@ -8,7 +8,9 @@ non-square maps whose last window is mostly padding, batches of 1 to 3, non-cont
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+from typing import Callable, Optional
 
 import pytest
 import torch
@@ -17,7 +19,12 @@ import torch.nn.functional as F
 import sam2_fast
 from sam2_fast import _extension, ops, torch_ops
 
-from helpers import assert_close_verbose, assert_low_precision_attention_error, emulated_low_precision_attention
+from helpers import (
+    assert_close_verbose,
+    assert_low_precision_attention_error,
+    brgemm_f32_usable,
+    emulated_low_precision_attention,
+)
 
 if _extension.load_error() is not None:
     pytest.skip(_extension.load_error(), allow_module_level=True)
@@ -385,15 +392,257 @@ def test_bias_gelu_special_values_are_the_functions(with_bias):
     )
 
 
-def test_bias_gelu_rejects_bad_arguments():
-    with pytest.raises(RuntimeError, match="expected a float32 tensor, got BFloat16"):
-        EXT.bias_gelu_(torch.randn(2, 8, dtype=torch.bfloat16), None)
-    with pytest.raises(RuntimeError, match=r"expected a bias of shape \(8,\) for x of shape \[2, 8\], got \[7\]"):
-        EXT.bias_gelu_(torch.randn(2, 8), torch.randn(7))
-    with pytest.raises(RuntimeError, match="expected a float32 bias, got Double"):
-        EXT.bias_gelu_(torch.randn(2, 8), torch.randn(8, dtype=torch.float64))
-    with pytest.raises(RuntimeError, match="got a scalar"):
-        EXT.bias_gelu_(torch.tensor(1.0), None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The kernel boundary: every op takes operands of any strides, and names what was wrong with a bad argument
+
+def relayout(values: torch.Tensor, kind: str) -> torch.Tensor:
+    """``values`` laid out as ``kind``: a view of new memory holding them (for "broadcast", a view of ``values``
+    whose rows all repeat its first one)."""
+    if kind == "broadcast":
+        # Stride 0 along the rows (the dimension before the last; a 1-D tensor's only one): the layout of an expanded
+        # gradient, such as a loss over pooled features hands back.
+        dim = max(values.dim() - 2, 0)
+        return values.narrow(dim, 0, 1).expand(values.shape)
+    if kind == "transposed":  # the last dimension outermost: a matrix's transpose, an NCHW map read as NHWC
+        return values.movedim(-1, 0).contiguous().movedim(0, -1)
+    if kind == "sliced":  # every other element of a tensor twice as large along every dimension
+        storage = values.new_zeros([2 * size for size in values.shape])
+        return storage[(slice(None, None, 2),) * values.dim()].copy_(values)
+    if kind == "padded":  # gaps between rows, unit stride along the last dimension
+        storage = values.new_zeros(*values.shape[:-1], values.shape[-1] + 3)
+        return storage[..., : values.shape[-1]].copy_(values)
+    if kind == "channels_last":  # torch's channels_last memory format (4-D)
+        return values.contiguous(memory_format=torch.channels_last)
+    if kind == "size1_strides":  # odd strides on the dimensions of size 1, which are never stepped over
+        contiguous = values.contiguous()
+        return contiguous.as_strided(values.shape, [7 if size == 1 else stride
+                                                    for size, stride in zip(values.shape, contiguous.stride())])
+    raise ValueError(kind)
+
+
+def layout_kinds(dims: int) -> tuple:
+    """The layouts of relayout that differ from the contiguous one for a tensor of ``dims`` dimensions."""
+    if dims == 1:
+        return ("broadcast", "sliced")
+    return ("broadcast", "transposed", "sliced", "padded", "size1_strides") + (("channels_last",) if dims == 4 else ())
+
+
+@contextlib.contextmanager
+def num_threads(count: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def randn(generator: torch.Generator, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, generator=generator).to(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class BoundaryCase:
+    """One op on small operands: make(batch, generator) gives its tensor arguments (contiguous, by name) and
+    run(args) its outputs. Without ``truth`` the kernel only normalises layouts, and its outputs for any operand
+    layout must be bit-identical to those for the contiguous copies; with it, truth(args) gives float64 outputs the
+    kernel must be within ``atol`` of (its rounding may depend on the layout: ATen's attention picks its kernel by
+    strides; brgemm's blocking by leading dimension, the partial sums by thread count)."""
+
+    id: str
+    op: str
+    make: Callable
+    run: Callable
+    truth: Optional[Callable] = None
+    atol: float = 0.0
+    marks: tuple = ()
+
+
+def _qkv_case_args(batch, generator, height, width, dtype=torch.float32, with_bias=True):
+    args = {"qkv": randn(generator, batch, height, width, 30, dtype=dtype)}  # 2 heads of head_dim 5
+    if with_bias:
+        args["qkv_bias"] = randn(generator, 30, dtype=dtype)
+    return args
+
+
+def _matrix_units(run):
+    def on_matrix_units(args):
+        with attention_path("matrix_units"):
+            return run(args)
+    return on_matrix_units
+
+
+NEEDS_BRGEMM = (pytest.mark.skipif(not brgemm_f32_usable(), reason="needs ATen's fp32 brgemm with oneDNN enabled in "
+                                   "torch (see csrc/brgemm_f32.h)"),)
+
+BOUNDARY_CASES = [
+    BoundaryCase("maxpool2x2", "maxpool2x2",
+                 lambda b, g: {"x": randn(g, b, 7, 10, 5)},
+                 lambda a: (EXT.maxpool2x2(a["x"]),)),
+    BoundaryCase("maxpool2x2_backward", "maxpool2x2_backward",
+                 lambda b, g: {"grad_out": randn(g, b, 3, 5, 5), "x": randn(g, b, 7, 10, 5)},
+                 lambda a: (EXT.maxpool2x2_backward(a["grad_out"], a["x"]),)),
+    BoundaryCase("fpn_upsample_add", "fpn_upsample_add",
+                 lambda b, g: {"lateral": randn(g, b, 5, 6, 8, dtype=torch.bfloat16), "prev": randn(g, b, 5, 3, 4)},
+                 lambda a: (EXT.fpn_upsample_add(a["lateral"], a["prev"]),)),
+    BoundaryCase("bias_gelu_", "bias_gelu_",
+                 lambda b, g: {"x": randn(g, b, 3, 13), "bias": randn(g, 13)},
+                 lambda a: (EXT.bias_gelu_(a["x"], a["bias"]), a["x"])[1:]),
+    BoundaryCase("window_attention-fp32", "window_attention",
+                 lambda b, g: _qkv_case_args(b, g, 9, 6),
+                 lambda a: (EXT.window_attention(a["qkv"], a["qkv_bias"], 2, 4, True, True),)),
+    BoundaryCase("window_attention-bf16", "window_attention",
+                 lambda b, g: _qkv_case_args(b, g, 9, 6, torch.bfloat16),
+                 lambda a: (EXT.window_attention(a["qkv"], a["qkv_bias"], 2, 4, False),)),
+    BoundaryCase("global_attention-fp32", "global_attention",
+                 lambda b, g: _qkv_case_args(b, g, 5, 6, with_bias=False),
+                 lambda a: (EXT.global_attention(a["qkv"], 2, True),),
+                 truth=lambda a: (torch_ops.global_attention(a["qkv"].double(), 2, True),),
+                 atol=ATTENTION_FP32_TOL["atol"]),
+    BoundaryCase("global_attention-bf16-matrix_units", "global_attention",
+                 lambda b, g: _qkv_case_args(b, g, 5, 7, torch.bfloat16, with_bias=False),
+                 _matrix_units(lambda a: (EXT.global_attention(a["qkv"], 2, False),)),
+                 marks=MATRIX_UNITS.marks),
+    BoundaryCase("attention_backward-window", "attention_backward",
+                 lambda b, g: {"grad_out": randn(g, b, 4, 3, 10), **_qkv_case_args(b, g, 9, 6),
+                               "out": randn(g, b, 4, 3, 10)},
+                 lambda a: EXT.attention_backward(a["grad_out"], a["qkv"], a["qkv_bias"], a["out"], 2, 4, True, True)),
+    BoundaryCase("attention_backward-global", "attention_backward",
+                 lambda b, g: {"grad_out": randn(g, b, 5, 6, 10), **_qkv_case_args(b, g, 5, 6),
+                               "out": randn(g, b, 5, 6, 10)},
+                 lambda a: EXT.attention_backward(a["grad_out"], a["qkv"], a["qkv_bias"], a["out"], 2, 0, False, True)),
+    # The GEMMs on the rows of `batch` maps of 5 x 7 tokens: fp32 sums of 40 O(1) products (linear) or of up to 70
+    # (the weight's gradient), in chains of at most 128: within fp32 rounding of the largest partial sums.
+    BoundaryCase("linear", "linear",
+                 lambda b, g: {"input": randn(g, 35 * b, 40), "weight": randn(g, 30, 40), "bias": randn(g, 30)},
+                 lambda a: (EXT.linear(a["input"], a["weight"], a["bias"]),),
+                 truth=lambda a: (a["input"].double() @ a["weight"].double().t() + a["bias"].double(),),
+                 atol=2e-5 * 40 ** 0.5, marks=NEEDS_BRGEMM),
+    BoundaryCase("linear_weight_grad", "linear_weight_grad",
+                 lambda b, g: {"grad": randn(g, 35 * b, 30), "input": randn(g, 35 * b, 40)},
+                 lambda a: EXT.linear_weight_grad(a["grad"], a["input"], True),
+                 truth=lambda a: (a["grad"].double().t() @ a["input"].double(), a["grad"].double().sum(0)),
+                 atol=2e-5 * 70 ** 0.5, marks=NEEDS_BRGEMM),
+]
+
+
+def _boundary_params():
+    params = []
+    for case in BOUNDARY_CASES:
+        for arg, values in case.make(1, torch.Generator().manual_seed(0)).items():
+            params += [pytest.param(case, arg, kind, id=f"{case.id}-{arg}-{kind}", marks=case.marks)
+                       for kind in layout_kinds(values.dim())]
+    return params
+
+
+_BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+    assert_close_verbose(actual, expected, name=name)  # shape, dtype, and a report of the values that differ
+    same_bits = actual.contiguous().view(_BITS[actual.dtype]) == expected.contiguous().view(_BITS[expected.dtype])
+    assert bool(same_bits.all()), f"{name}: {int((~same_bits).sum())} values equal but with other bits (signed zeros)"
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("case,arg,kind", _boundary_params())
+def test_any_operand_layout_gives_the_contiguous_result(case, arg, kind, batch, threads):
+    args = case.make(batch, torch.Generator().manual_seed(batch))
+    args[arg] = relayout(args[arg], kind)
+    contiguous = {name: t.clone(memory_format=torch.contiguous_format) for name, t in args.items()}
+    if case.op == "bias_gelu_" and arg == "x" and kind == "broadcast":
+        # Elements of an expanded x share memory: an in-place op cannot write them, and says so.
+        with pytest.raises(RuntimeError, match="bias_gelu_: x has elements that share memory"):
+            case.run(args)
+        return
+    storage = args[arg]._base
+    storage_before = None if storage is None else storage.clone()
+    with num_threads(threads):
+        actual = case.run(args)
+        expected = case.run(contiguous) if case.truth is None else case.truth(contiguous)
+    name = f"{case.id} with {kind} {arg}, batch {batch}, {threads} threads"
+    for index, (ours, wanted) in enumerate(zip(actual, expected, strict=True)):
+        if case.truth is None:
+            assert_bitwise_equal(ours, wanted, f"{name}: output {index}")
+        else:
+            assert_close_verbose(ours, wanted.to(ours.dtype), atol=case.atol, name=f"{name}: output {index}")
+    if storage is not None and case.op == "bias_gelu_" and arg == "x":
+        # Written into x itself, and nowhere else in the memory x is a view of.
+        storage_before.as_strided(args["x"].shape, args["x"].stride(), args["x"].storage_offset()).copy_(actual[0])
+        assert actual[0] is args["x"] and torch.equal(storage, storage_before)
+
+
+def test_the_boundary_cases_cover_every_op_with_tensor_arguments():
+    registered = {name.split("::")[1] for name in torch._C._dispatch_get_all_op_names()
+                  if name.startswith("sam2_fast_ext::")}
+    assert {case.op for case in BOUNDARY_CASES} == registered - {"sine_position_encoding"}
+
+
+def _int_map(*shape):
+    return torch.zeros(*shape, dtype=torch.int32)
+
+
+QKV_DTYPES = "Float, BFloat16, Half or Double"
+BAD_ARGUMENTS = [
+    (lambda: EXT.window_attention(_int_map(1, 4, 4, 24), None, 2, 4, False),
+     rf"window_attention: expected qkv of dtype {QKV_DTYPES}, got Int"),
+    (lambda: EXT.window_attention(torch.randn(4, 4, 24), None, 2, 4, False),
+     r"window_attention: expected qkv of shape \(B, H, W, 3 \* dim\), got \[4, 4, 24\]"),
+    (lambda: EXT.window_attention(torch.randn(1, 4, 4, 24), torch.randn(12), 2, 4, False),
+     r"window_attention: expected qkv_bias of shape \[24\], got \[12\]"),
+    (lambda: EXT.window_attention(torch.randn(1, 4, 4, 24), torch.zeros(24, dtype=torch.long), 2, 4, False),
+     rf"window_attention: expected qkv_bias of dtype {QKV_DTYPES}, got Long"),
+    (lambda: EXT.global_attention(_int_map(1, 4, 4, 24), 2, False),
+     rf"global_attention: expected qkv of dtype {QKV_DTYPES}, got Int"),
+    (lambda: EXT.attention_backward(torch.randn(1, 4, 4, 10), torch.randn(1, 4, 4, 30), torch.randn(29),
+                                    torch.randn(1, 4, 4, 10), 2, 4, False, True),
+     r"attention_backward: expected qkv_bias of shape \[30\], got \[29\]"),
+    (lambda: EXT.attention_backward(torch.randn(1, 4, 4, 10), torch.randn(1, 4, 4, 30), _int_map(30),
+                                    torch.randn(1, 4, 4, 10), 2, 4, False, True),
+     rf"attention_backward: expected qkv_bias of dtype {QKV_DTYPES}, got Int"),
+    (lambda: EXT.attention_backward(torch.randn(1, 4, 4, 9), torch.randn(1, 4, 4, 30), None,
+                                    torch.randn(1, 4, 4, 10), 2, 4, False, False),
+     r"attention_backward: expected grad_out of shape \[1, 4, 4, 10\], got \[1, 4, 4, 9\]"),
+    (lambda: EXT.attention_backward(torch.randn(1, 4, 4, 10), torch.randn(1, 4, 4, 30), None,
+                                    torch.randn(1, 4, 4, 10, dtype=torch.float64), 2, 4, False, False),
+     r"attention_backward: expected out of dtype Float, got Double"),
+    (lambda: EXT.maxpool2x2(torch.randn(4, 4, 3)), r"maxpool2x2: expected x of shape \(B, H, W, C\), got \[4, 4, 3\]"),
+    (lambda: EXT.maxpool2x2(_int_map(1, 4, 4, 3)), rf"maxpool2x2: expected x of dtype {QKV_DTYPES}, got Int"),
+    (lambda: EXT.maxpool2x2_backward(torch.randn(1, 2, 3, 3), torch.randn(1, 4, 4, 3)),
+     r"maxpool2x2_backward: expected grad_out of shape \[1, 2, 2, 3\], got \[1, 2, 3, 3\]"),
+    (lambda: EXT.maxpool2x2_backward(torch.randn(1, 2, 2, 3).half(), torch.randn(1, 4, 4, 3)),
+     r"maxpool2x2_backward: expected grad_out of dtype Float, got Half"),
+    (lambda: EXT.fpn_upsample_add(torch.randn(1, 3, 8, 9), torch.randn(1, 3, 4, 5)),
+     r"fpn_upsample_add: expected lateral of shape \[1, 3, 8, 10\], got \[1, 3, 8, 9\]"),
+    (lambda: EXT.fpn_upsample_add(torch.randn(1, 3, 8, 10), _int_map(1, 3, 4, 5)),
+     rf"fpn_upsample_add: expected prev of dtype {QKV_DTYPES}, got Int"),
+    (lambda: EXT.bias_gelu_(torch.randn(2, 8, dtype=torch.bfloat16), None),
+     r"bias_gelu_: expected x of dtype Float, got BFloat16"),
+    (lambda: EXT.bias_gelu_(torch.tensor(1.0), None), r"bias_gelu_: expected x of shape \(\.\.\., C\), got a scalar"),
+    (lambda: EXT.bias_gelu_(torch.randn(2, 8), torch.randn(7)), r"bias_gelu_: expected bias of shape \[8\], got \[7\]"),
+    (lambda: EXT.bias_gelu_(torch.randn(2, 8), torch.randn(8, dtype=torch.float64)),
+     r"bias_gelu_: expected bias of dtype Float, got Double"),
+    (lambda: EXT.bias_gelu_(torch.randn(1, 8).expand(3, 8), None),
+     r"bias_gelu_: x has elements that share memory \(an expanded tensor, strides \[0, 1\]\)"),
+]
+
+
+@pytest.mark.parametrize("call,message", [pytest.param(*bad, id=bad[1].split(":")[0] + f"-{index}")
+                                          for index, bad in enumerate(BAD_ARGUMENTS)])
+def test_bad_arguments_are_named(call, message):
+    with pytest.raises(RuntimeError, match=message):
+        call()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("cuda" not in _extension.device_types(), reason="the extension is built without CUDA kernels")
+def test_cuda_kernels_name_an_argument_on_another_device():
+    lateral = torch.randn(1, 3, 4, 4, device="cuda")
+    with pytest.raises(RuntimeError, match=r"expected prev on the device of lateral \(cuda:0\), got cpu"):
+        EXT.fpn_upsample_add(lateral, torch.randn(1, 3, 2, 2))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 // fpn_upsample_add on CUDA: the FPN top-down fusion `lateral + nearest_upsample_2x(prev.float())` in one pass.
 //
-// lateral: (B, C, 2h, 2w), prev: (B, C, h, w), any strides and any floating dtypes (they may differ).
+// lateral: (B, C, 2h, 2w), prev: (B, C, h, w), fp32, bf16, fp16 or fp64 (they may differ), read with their own
+// strides, whatever they are (0 included).
 // out: (B, C, 2h, 2w), contiguous, dtype promote_types(lateral.dtype, float32) as in the reference; prev is rounded
 // to float32 before the add. One thread per output element, in output order.
 
@@ -11,6 +12,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../tensor_args.h"
 #include "cuda_utils.cuh"
 
 namespace sam2_fast {
@@ -35,13 +37,7 @@ __global__ void fpn_upsample_add_kernel(
 }
 
 at::Tensor fpn_upsample_add_cuda(const at::Tensor& lateral, const at::Tensor& prev) {
-  TORCH_CHECK(
-      lateral.dim() == 4 && prev.dim() == 4 && lateral.size(0) == prev.size(0) && lateral.size(1) == prev.size(1) &&
-          lateral.size(2) == 2 * prev.size(2) && lateral.size(3) == 2 * prev.size(3),
-      "fpn_upsample_add: expected lateral (B, C, 2h, 2w) and prev (B, C, h, w), got ", lateral.sizes(), " and ",
-      prev.sizes());
-  TORCH_CHECK(lateral.device() == prev.device(), "fpn_upsample_add: lateral is on ", lateral.device(),
-              " but prev on ", prev.device());
+  check_fpn_upsample_add_args(lateral, prev);
   const c10::cuda::CUDAGuard device_guard(lateral.device());
   const at::ScalarType out_dtype = c10::promoteTypes(lateral.scalar_type(), at::kFloat);
   at::Tensor out = at::empty(lateral.sizes(), lateral.options().dtype(out_dtype));

@@ -1,6 +1,7 @@
 // maxpool2x2 on CUDA: 2x2 max-pool, stride 2, floor, of a channels-last map.
 //
-// x: (B, H, W, C), any strides over B, H, W (channels are made contiguous if they are not); fp32, bf16 or fp16.
+// x: (B, H, W, C), fp32, bf16, fp16 or fp64, read with its own strides over B, H, W (any, 0 included), its channels
+// made contiguous first where they are strided.
 // out: (B, H // 2, W // 2, C), contiguous, x's dtype. One thread per output element, consecutive threads along C
 // so that reads and writes coalesce. NaN propagates as in torch.nn.functional.max_pool2d.
 
@@ -10,6 +11,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../tensor_args.h"
 #include "cuda_utils.cuh"
 
 namespace sam2_fast {
@@ -31,8 +33,9 @@ __global__ void maxpool2x2_kernel(
 }
 
 at::Tensor maxpool2x2_cuda(const at::Tensor& x_in) {
-  TORCH_CHECK(x_in.dim() == 4, "maxpool2x2: expected a (B, H, W, C) map, got shape ", x_in.sizes());
-  const at::Tensor x = x_in.stride(3) == 1 ? x_in : x_in.contiguous();
+  check_dims("maxpool2x2", "x", x_in, 4, "(B, H, W, C)");
+  check_dtype("maxpool2x2", "x", x_in, kFloatingDtypes);
+  const at::Tensor x = with_unit_channel_stride(x_in);
   const c10::cuda::CUDAGuard device_guard(x.device());
   const int64_t out_h = x.size(1) / 2, out_w = x.size(2) / 2, channels = x.size(3);
   at::Tensor out = at::empty({x.size(0), out_h, out_w, channels}, x.options());
