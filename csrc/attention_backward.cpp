@@ -209,7 +209,7 @@ struct BackwardProblem {
   const scalar_t* grad_out;
   const scalar_t* out;
   scalar_t* grad_qkv;                    // contiguous (B, H, W, 3 * dim)
-  acc_t* bias_grads;                     // (threads, 3 * dim), one row per thread
+  acc_t* bias_grads;                     // (ranges, 3 * dim), one row per range of tasks
   int64_t height, width, dim, num_heads, head_dim, step, out_h, out_w;
   int64_t window_h, window_w, out_window_h, out_window_w, rows, cols;  // the windows, and how many per column / row
   int64_t max_keys, max_queries, block_rows;
@@ -225,9 +225,9 @@ struct BackwardProblem {
   }
 };
 
-// The gradients of tasks [begin, end) (see the top of the file), written into grad_qkv and this thread's bias row.
+// The gradients of tasks [begin, end) (see the top of the file), written into grad_qkv and bias row `range`.
 template <typename scalar_t>
-SAM2_FAST_INLINE void backward_tasks(const BackwardProblem<scalar_t>& p, int64_t begin, int64_t end) {
+SAM2_FAST_INLINE void backward_tasks(const BackwardProblem<scalar_t>& p, int64_t range, int64_t begin, int64_t end) {
   using acc_t = acc_of<scalar_t>;
   const Products<acc_t> product{p.brgemm};
   const int64_t head_dim = p.head_dim, dim = p.dim, step = p.step;
@@ -248,7 +248,7 @@ SAM2_FAST_INLINE void backward_tasks(const BackwardProblem<scalar_t>& p, int64_t
   // num_queries; rows query_ld apart); D (max_queries,); P and dP (then dS) of a block of queries (block_rows,
   // num_keys; rows key_ld apart); dQ of the block (block_rows, head_dim).
   std::vector<acc_t> keys(max_keys * head_dim), values(max_keys * head_dim);
-  const int64_t max_key_ld = padded_stride(max_keys), max_query_ld = padded_stride(max_queries);
+  const int64_t max_key_ld = max_padded_stride(max_keys), max_query_ld = max_padded_stride(max_queries);
   std::vector<acc_t> keys_t(head_dim * max_key_ld), values_t(head_dim * max_key_ld);
   std::vector<acc_t> grad_keys_t(head_dim * max_key_ld), grad_values_t(head_dim * max_key_ld);
   std::vector<acc_t> queries(max_queries * head_dim), queries_t(head_dim * max_query_ld);
@@ -257,7 +257,7 @@ SAM2_FAST_INLINE void backward_tasks(const BackwardProblem<scalar_t>& p, int64_t
   std::vector<uint8_t> corners(p.q_pool ? max_queries * head_dim : 0);  // which of the 2x2 tokens each q came from
   std::vector<acc_t> probs(block_rows * max_key_ld), grad_scores(block_rows * max_key_ld);
   std::vector<acc_t> grad_queries(block_rows * head_dim);
-  acc_t* bias_grad = p.bias_grads + at::get_thread_num() * 3 * dim;
+  acc_t* bias_grad = p.bias_grads + range * 3 * dim;
 
   for (int64_t task = begin; task < end; ++task) {
     const TaskWindow w = p.window(task);
@@ -389,21 +389,24 @@ SAM2_FAST_INLINE void backward_tasks(const BackwardProblem<scalar_t>& p, int64_t
       }
     }
   }
-  if (p.brgemm) at::native::cpublas::brgemm_release(false);
 }
 
 // backward_tasks compiled for AVX2 + FMA and for the baseline ISA, per input dtype.
 SAM2_FAST_MULTIVERSION
-void run_backward_tasks(const BackwardProblem<float>& p, int64_t begin, int64_t end) { backward_tasks(p, begin, end); }
-SAM2_FAST_MULTIVERSION
-void run_backward_tasks(const BackwardProblem<double>& p, int64_t begin, int64_t end) { backward_tasks(p, begin, end); }
-SAM2_FAST_MULTIVERSION
-void run_backward_tasks(const BackwardProblem<c10::BFloat16>& p, int64_t begin, int64_t end) {
-  backward_tasks(p, begin, end);
+void run_backward_tasks(const BackwardProblem<float>& p, int64_t range, int64_t begin, int64_t end) {
+  backward_tasks(p, range, begin, end);
 }
 SAM2_FAST_MULTIVERSION
-void run_backward_tasks(const BackwardProblem<c10::Half>& p, int64_t begin, int64_t end) {
-  backward_tasks(p, begin, end);
+void run_backward_tasks(const BackwardProblem<double>& p, int64_t range, int64_t begin, int64_t end) {
+  backward_tasks(p, range, begin, end);
+}
+SAM2_FAST_MULTIVERSION
+void run_backward_tasks(const BackwardProblem<c10::BFloat16>& p, int64_t range, int64_t begin, int64_t end) {
+  backward_tasks(p, range, begin, end);
+}
+SAM2_FAST_MULTIVERSION
+void run_backward_tasks(const BackwardProblem<c10::Half>& p, int64_t range, int64_t begin, int64_t end) {
+  backward_tasks(p, range, begin, end);
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_backward_cpu(
@@ -443,6 +446,7 @@ std::tuple<at::Tensor, at::Tensor> attention_backward_cpu(
   const int64_t block_rows =
       std::min(max_queries, std::max(kMinQueryBlockRows, kScoreBlockElements / std::max<int64_t>(1, max_keys)));
   const at::ScalarType acc_type = qkv.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  // One row per range of tasks of parallel_for_balanced (at most one range per thread), summed at the end.
   at::Tensor bias_grads = at::zeros({at::get_num_threads(), 3 * dim}, qkv.options().dtype(acc_type));
   const bool brgemm = acc_type == at::kFloat && brgemm_attention_backward();
 
@@ -461,7 +465,9 @@ std::tuple<at::Tensor, at::Tensor> attention_backward_cpu(
       return (w.num_queries() + 2) * w.num_keys() * head_dim;
     };
     parallel_for_balanced(num_tasks, 1 << 18, task_cost,
-                          [&](int64_t begin, int64_t end) { run_backward_tasks(problem, begin, end); });
+                          [&](int64_t range, int64_t begin, int64_t end) {
+                            run_backward_tasks(problem, range, begin, end);
+                          });
   });
   if (!qkv_bias.has_value()) return {grad_qkv, at::empty({0}, qkv.options())};
   return {grad_qkv, bias_grads.sum(0).to(qkv_bias->scalar_type())};

@@ -71,6 +71,16 @@ void copy_bf16_row(const c10::BFloat16* src, int64_t count, c10::BFloat16* dst);
 // Hands the matrix units' state back after a thread's last attention_bf16 (AMX tile configuration).
 void release_bf16_matrix_units();
 
+// Calls release_bf16_matrix_units() when it goes out of scope, also when the attention throws: one per thread's run
+// of attention_bf16 calls.
+class Bf16MatrixUnitsRelease {
+ public:
+  Bf16MatrixUnitsRelease() = default;
+  ~Bf16MatrixUnitsRelease() { release_bf16_matrix_units(); }
+  Bf16MatrixUnitsRelease(const Bf16MatrixUnitsRelease&) = delete;
+  Bf16MatrixUnitsRelease& operator=(const Bf16MatrixUnitsRelease&) = delete;
+};
+
 // Packs keys [first, last) of a problem (key_rows[j - first]: the head_dim bf16 channels of key j) into its VNNI
 // operand keys_vnni. Ranges of one problem may be packed by different threads.
 void pack_keys(const Bf16AttentionShape& shape, int64_t first, int64_t last, const c10::BFloat16* const* key_rows,

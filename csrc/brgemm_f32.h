@@ -21,4 +21,8 @@ void check_brgemm_f32_usable(const char* op);
 // 20% slower without it).
 inline int64_t padded_stride(int64_t n) { return n % 256 == 0 ? n + 16 : n; }
 
+// The largest padded_stride(m) over 0 <= m <= n, the row stride scratch needs to hold any matrix of at most n
+// columns: padded_stride is not monotonic (padded_stride(256) = 272 > padded_stride(257) = 257).
+inline int64_t max_padded_stride(int64_t n) { return std::max(padded_stride(n), n - n % 256 + 16); }
+
 }  // namespace sam2_fast

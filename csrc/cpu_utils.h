@@ -44,9 +44,11 @@ inline int64_t grain_for(int64_t elements_per_item, int64_t min_elements = 32768
   return std::max<int64_t>(1, min_elements / std::max<int64_t>(1, elements_per_item));
 }
 
-// Runs fn(begin, end) over [0, n) in contiguous ranges of about equal total cost (cost(i) >= 0), one range per
-// thread, with at least about `min_range_cost` per range. at::parallel_for splits by count instead, which leaves a
-// thread idle when items differ in cost (e.g. windows that overhang the map have fewer queries).
+// Runs fn(range, begin, end) over [0, n) in contiguous ranges of about equal total cost (cost(i) >= 0), one range
+// per thread, with at least about `min_range_cost` per range. at::parallel_for splits by count instead, which leaves
+// a thread idle when items differ in cost (e.g. windows that overhang the map have fewer queries). `range` numbers
+// the ranges from 0; there are at most at::get_num_threads() of them (as it is at the call). It indexes per-range
+// partial results, which a thread id cannot: a range may run on any thread, and a nested call inline on its caller's.
 template <typename Cost, typename Fn>
 inline void parallel_for_balanced(int64_t n, int64_t min_range_cost, const Cost& cost, const Fn& fn) {
   if (n <= 0) return;
@@ -63,7 +65,7 @@ inline void parallel_for_balanced(int64_t n, int64_t min_range_cost, const Cost&
   at::parallel_for(0, ranges, 1, [&](int64_t first, int64_t last) {
     for (int64_t r = first; r < last; ++r) {
       const int64_t begin = start(r), end = start(r + 1);
-      if (begin < end) fn(begin, end);
+      if (begin < end) fn(r, begin, end);
     }
   });
 }

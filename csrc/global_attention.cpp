@@ -87,6 +87,7 @@ at::Tensor global_attention_bf16(const at::Tensor& qkv, const at::Tensor& q_map,
   const int64_t query_blocks = (num_queries + kGlobalQueryBlock - 1) / kGlobalQueryBlock;
   bf16* dst = out.mutable_data_ptr<bf16>();
   at::parallel_for(0, batch * num_heads * query_blocks, 1, [&](int64_t begin, int64_t end) {
+    const Bf16MatrixUnitsRelease release;
     Bf16AttentionScratch scratch(kGlobalQueryBlock, num_keys);
     std::vector<bf16> query_rows(kGlobalQueryBlock * packed_shape.depth());
     std::vector<float> result(kGlobalQueryBlock * packed_shape.value_columns()), inverse_sums(kGlobalQueryBlock);
@@ -107,7 +108,6 @@ at::Tensor global_attention_bf16(const at::Tensor& qkv, const at::Tensor& q_map,
                        dst + (b * num_queries + first + i) * dim + head * head_dim);
       }
     }
-    release_bf16_matrix_units();
   });
   return out;
 }

@@ -180,9 +180,6 @@ class Bf16WindowSolver {
  public:
   explicit Bf16WindowSolver(const AttentionShape& window)
       : Bf16WindowSolver(Bf16AttentionShape{window.num_queries, window.num_keys, window.head_dim}) {}
-  ~Bf16WindowSolver() { release_bf16_matrix_units(); }
-  Bf16WindowSolver(const Bf16WindowSolver&) = delete;
-  Bf16WindowSolver& operator=(const Bf16WindowSolver&) = delete;
 
   void begin(const AttentionShape& task) { task_ = {task.num_queries, task.num_keys, task.head_dim}; }
 
@@ -245,6 +242,7 @@ class Bf16WindowSolver {
   std::vector<bf16> biased_;
   std::vector<float> pooled_;
   Bf16AttentionScratch scratch_;
+  Bf16MatrixUnitsRelease release_;  // when the thread's solver goes, after its last task
 };
 
 // How many tasks ahead each thread prefetches the q, k and v it will read. Against prefetching the whole next
@@ -259,10 +257,10 @@ at::Tensor window_attention_cpu(
   check_qkv("window_attention", qkv_in, num_heads);
   TORCH_CHECK(window_size > 0, "window_attention: expected a positive window_size, got ", window_size);
   // An odd window would pool to fewer rows than H // 2 (each window drops its last row), a case Hiera never has.
-  TORCH_CHECK(!add_bias || qkv_bias.has_value(), "window_attention: add_bias needs a qkv_bias, got None");
-  const at::Tensor qkv = with_unit_channel_stride(qkv_in);
   TORCH_CHECK(!q_pool || window_size % 2 == 0, "window_attention: q_pool needs an even window_size, got ",
               window_size);
+  TORCH_CHECK(!add_bias || qkv_bias.has_value(), "window_attention: add_bias needs a qkv_bias, got None");
+  const at::Tensor qkv = with_unit_channel_stride(qkv_in);
   const int64_t batch = qkv.size(0), height = qkv.size(1), width = qkv.size(2), dim = qkv.size(3) / 3;
   const int64_t head_dim = dim / num_heads;
   // The padding tokens read as `fill`; with add_bias they read as zeros and get the bias added like every token.
@@ -324,7 +322,7 @@ at::Tensor window_attention_cpu(
       return dst + ((b * out_h + row * out_window + qy) * out_w + col * out_window + qx) * dim + channel;
     };
     const scalar_t* added_bias = add_bias ? bias.const_data_ptr<scalar_t>() : nullptr;
-    parallel_for_balanced(num_tasks, 1 << 18, task_cost, [&](int64_t begin, int64_t end) {
+    parallel_for_balanced(num_tasks, 1 << 18, task_cost, [&](int64_t, int64_t begin, int64_t end) {
       Solver solver(shape);
       std::vector<float> key_logit_offsets(shape.num_keys, 0.0f);
       for (int64_t task = begin; task < end; ++task) {
