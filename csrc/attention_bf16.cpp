@@ -4,6 +4,7 @@
 #include "attention_bf16.h"
 
 #include <ATen/Context.h>
+#include <ATen/Version.h>
 #include <ATen/cpu/Utils.h>
 #include <ATen/native/CPUBlas.h>
 
@@ -131,7 +132,9 @@ bool brgemm_bf16_works() {
   return std::equal(c, c + m * n, expected);
 }
 
-// The row kernels need AVX512-BF16; AMX (without it, on no CPU made so far) would not be enough.
+// The row kernels need AVX512-BF16; AMX (without it, on no CPU made so far) would not be enough. They also need ATen
+// to run AVX-512 code itself: capping it (ATEN_CPU_CAPABILITY=avx2 or default) caps them with it, so that a capped
+// run exercises the fp32 core and ATen's AVX2 kernels on an AVX-512 CPU, as it would run on an AVX2 one.
 bool cpu_has_bf16_units() {
 #if !SAM2_FAST_BF16_ROW_KERNELS
   return false;
@@ -141,7 +144,7 @@ bool cpu_has_bf16_units() {
     const auto found = capabilities.find(name);
     return found != capabilities.end() && found->second.isBool() && found->second.toBool();
   };
-  return has("avx512_bf16");
+  return has("avx512_bf16") && at::get_cpu_capability() == "AVX512";
 }
 
 std::atomic<bool> matrix_attention_enabled{true};

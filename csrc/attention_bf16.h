@@ -17,9 +17,10 @@
 namespace sam2_fast {
 
 // Whether the bf16 attention kernels run on the matrix units here: the CPU has AVX512-BF16 (as every CPU with AMX
-// does; brgemm then uses AMX), ATen's brgemm ran a bf16 product correctly on it (checked once), ATen's oneDNN is
-// enabled, and the path is not switched off by set_bf16_matrix_attention(false) (for tests and side-by-side
-// benchmarks).
+// does; brgemm then uses AMX) and ATen runs AVX-512 code (its capability not capped below AVX512 by
+// ATEN_CPU_CAPABILITY), ATen's brgemm ran a bf16 product correctly on it (checked once; it raises where oneDNN's ISA
+// is capped below AVX-512 by ONEDNN_MAX_CPU_ISA), ATen's oneDNN is enabled, and the path is not switched off by
+// set_bf16_matrix_attention(false) (for tests and side-by-side benchmarks).
 bool bf16_matrix_attention();
 // Whether the CPU and ATen could run the path at all (the first three conditions above).
 bool bf16_matrix_units_usable();

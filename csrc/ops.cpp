@@ -70,7 +70,8 @@ PYBIND11_MODULE(_C, m) {
         "Whether bf16 window and global attention on CPU run on the CPU's bf16 matrix units (AMX or AVX512-BF16, "
         "through ATen's brgemm); else on the fp32 core.");
   m.def("bf16_matrix_units_usable", &sam2_fast::bf16_matrix_units_usable,
-        "Whether this CPU and ATen can run the bf16 matrix-unit attention at all.");
+        "Whether this CPU and ATen can run the bf16 matrix-unit attention at all (AVX512-BF16, and neither ATen nor "
+        "oneDNN capped below AVX-512 by ATEN_CPU_CAPABILITY or ONEDNN_MAX_CPU_ISA).");
   m.def("set_bf16_matrix_attention", &sam2_fast::set_bf16_matrix_attention, pybind11::arg("enabled"),
         "Allow (the default) or forbid the bf16 matrix-unit attention, e.g. to compare it with the fp32 core.");
   m.def("brgemm_attention_backward", &sam2_fast::brgemm_attention_backward,

@@ -10,6 +10,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
+import subprocess
+import sys
 from typing import Callable, Optional
 
 import pytest
@@ -643,6 +646,43 @@ def test_cuda_kernels_name_an_argument_on_another_device():
     lateral = torch.randn(1, 3, 4, 4, device="cuda")
     with pytest.raises(RuntimeError, match=r"expected prev on the device of lateral \(cuda:0\), got cpu"):
         EXT.fpn_upsample_add(lateral, torch.randn(1, 3, 2, 2))
+
+
+def test_capped_aten_runs_what_an_avx2_cpu_runs(tmp_path):
+    # Capped to AVX2 (ATEN_CPU_CAPABILITY=avx2, and oneDNN alike) an AVX-512 CPU runs what an AVX2 CPU runs: the bf16
+    # matrix-unit attention (its row kernels are AVX-512) steps aside for the fp32 core, whose output is then the
+    # uncapped fp32 core's bit for bit. ATen's fp32 brgemm stays usable: oneDNN runs its micro-kernels on AVX2 (and
+    # ATen its BLAS gemm below AVX2), so linear stays within fp32 rounding of float64.
+    generator = torch.Generator().manual_seed(5)
+    qkv, bias = randn(generator, 1, 9, 10, 30, dtype=torch.bfloat16), randn(generator, 30, dtype=torch.bfloat16)
+    rows, weight = randn(generator, 70, 40), randn(generator, 30, 40)
+    torch.save({"qkv": qkv, "bias": bias, "rows": rows, "weight": weight}, tmp_path / "inputs.pt")
+    code = (
+        "import sys, torch\n"
+        "from sam2_fast import _C\n"
+        "ops = torch.ops.sam2_fast_ext\n"
+        f"inputs = torch.load({str(tmp_path / 'inputs.pt')!r})\n"
+        "results = {'flags': (torch.backends.cpu.get_cpu_capability(), _C.bf16_matrix_units_usable(), "
+        "_C.bf16_matrix_attention(), _C.brgemm_f32_usable()), "
+        "'attention': ops.window_attention(inputs['qkv'], inputs['bias'], 2, 4, True)}\n"
+        "if _C.brgemm_f32_usable():\n"
+        "    results['linear'] = ops.linear(inputs['rows'], inputs['weight'], None)\n"
+        f"torch.save(results, {str(tmp_path / 'results.pt')!r})\n"
+    )
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    results = torch.load(tmp_path / "results.pt")
+    capability, units, matrix_attention, brgemm = results["flags"]
+    assert capability in ("AVX2", "DEFAULT")  # DEFAULT: a CPU without AVX2
+    assert not units and not matrix_attention
+    assert brgemm == _C.brgemm_f32_usable()
+    with attention_path("fp32_core"):
+        assert_bitwise_equal(results["attention"], EXT.window_attention(qkv, bias, 2, 4, True), "capped attention")
+    if brgemm:
+        # fp32 sums of 40 O(1) products, in one chain: within fp32 rounding of the largest partial sums.
+        assert_close_verbose(results["linear"], (rows.double() @ weight.double().t()).float(), atol=2e-5 * 40 ** 0.5,
+                             name="capped linear")
 
 
 # ---------------------------------------------------------------------------------------------------------------
