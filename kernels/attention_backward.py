@@ -24,10 +24,10 @@ import triton.language as tl
 
 from ..op_shapes import queries_per_window
 from ..torch_ops import add_qkv_bias
-from .launch import launchable
+from .launch import checked_operand, launchable
 from .window_attention import (
-    _LOG2_E, LaunchConfig, _head_fills, _head_pointers, _load_query_rows, _load_token_rows, check_qkv, dot_in_fp32,
-    in_every_dtype, padded_head_dim,
+    _LOG2_E, LaunchConfig, _head_fills, _head_pointers, _load_query_rows, _load_token_rows, check_qkv, check_qkv_bias,
+    dot_in_fp32, in_every_dtype, padded_head_dim,
 )
 
 
@@ -73,6 +73,7 @@ def _attention_backward_dq_kernel(
     height, width, out_height, out_width, window_cols, dim, num_queries, query_blocks, slots_per_head,
     stride_qkv_b, stride_qkv_h, stride_qkv_w,
     stride_out_b, stride_out_h, stride_out_w,
+    stride_grad_out_b, stride_grad_out_h, stride_grad_out_w,
     qk_scale, sm_scale,
     WINDOW: tl.constexpr, Q_POOL: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr,
     GLOBAL: tl.constexpr, DOT_IN_FP32: tl.constexpr,
@@ -82,8 +83,9 @@ def _attention_backward_dq_kernel(
 
     Layout: qkv (B, height, width, 3 * dim) with strides (stride_qkv_b, stride_qkv_h, stride_qkv_w, 1), its last
     dim split as (3, heads, HEAD_DIM), already holding the bias if the forward added it; bias (3 * dim,) in qkv's
-    dtype; out and grad_out (B, out_height, out_width, dim) with the out strides; grad_qkv contiguous (B, height,
-    width, 3 * dim), zero where nothing is stored; lse and delta fp32 (B, heads, slots_per_head), slot
+    dtype; out (B, out_height, out_width, dim) with strides (stride_out_b, stride_out_h, stride_out_w, 1) and
+    grad_out likewise with the stride_grad_out_* ones, both in qkv's dtype; grad_qkv contiguous (B, height, width,
+    3 * dim), zero where nothing is stored; lse and delta fp32 (B, heads, slots_per_head), slot
     (window * query_blocks + block) * BLOCK_M + row. num_queries: queries per window (all outputs when GLOBAL).
 
     Grid: (windows * query_blocks, heads, B).
@@ -103,11 +105,13 @@ def _attention_backward_dq_kernel(
     )
     q = _load_query_rows(q_ptr, token_y, token_x, valid, height, width, stride_qkv_h, stride_qkv_w, offs_d, q_fill,
                          HEAD_DIM, HAS_BIAS, Q_POOL)
-    out_offsets = (batch * stride_out_b + out_y[:, None] * stride_out_h + out_x[:, None] * stride_out_w
-                   + head * HEAD_DIM + offs_d[None, :])
+    channel = head * HEAD_DIM + offs_d[None, :]
+    out_offsets = batch * stride_out_b + out_y[:, None] * stride_out_h + out_x[:, None] * stride_out_w + channel
+    grad_out_offsets = (batch * stride_grad_out_b + out_y[:, None] * stride_grad_out_h
+                        + out_x[:, None] * stride_grad_out_w + channel)
     row_mask = kept[:, None] & d_mask[None, :]
     # Queries the crop drops have no output and so no gradient: their dO is zero.
-    grad_o = tl.load(grad_out_ptr + out_offsets, mask=row_mask, other=0.0)
+    grad_o = tl.load(grad_out_ptr + grad_out_offsets, mask=row_mask, other=0.0)
     delta = tl.sum(grad_o.to(tl.float32) * tl.load(out_ptr + out_offsets, mask=row_mask, other=0.0).to(tl.float32), 1)
 
     # Pass 1: the log-sum-exp of each query's scores (base 2).
@@ -175,7 +179,7 @@ def _attention_backward_dkdv_kernel(
     qkv_ptr, bias_ptr, grad_out_ptr, grad_qkv_ptr, grad_bias_ptr, lse_ptr, delta_ptr,
     height, width, out_height, out_width, window_cols, dim, num_queries, query_blocks, key_blocks, slots_per_head,
     stride_qkv_b, stride_qkv_h, stride_qkv_w,
-    stride_out_b, stride_out_h, stride_out_w,
+    stride_grad_out_b, stride_grad_out_h, stride_grad_out_w,
     qk_scale, sm_scale,
     WINDOW: tl.constexpr, Q_POOL: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr,
     GLOBAL: tl.constexpr, DOT_IN_FP32: tl.constexpr,
@@ -213,9 +217,9 @@ def _attention_backward_dkdv_kernel(
         )
         q = _load_query_rows(q_ptr, token_y, token_x, valid, height, width, stride_qkv_h, stride_qkv_w, offs_d,
                              q_fill, HEAD_DIM, HAS_BIAS, Q_POOL)
-        out_offsets = (batch * stride_out_b + out_y[:, None] * stride_out_h + out_x[:, None] * stride_out_w
-                       + head * HEAD_DIM + offs_d[None, :])
-        grad_o = tl.load(grad_out_ptr + out_offsets, mask=kept[:, None] & d_mask[None, :], other=0.0)
+        grad_out_offsets = (batch * stride_grad_out_b + out_y[:, None] * stride_grad_out_h
+                            + out_x[:, None] * stride_grad_out_w + head * HEAD_DIM + offs_d[None, :])
+        grad_o = tl.load(grad_out_ptr + grad_out_offsets, mask=kept[:, None] & d_mask[None, :], other=0.0)
         slots = head_slots + q_block * BLOCK_M + tl.arange(0, BLOCK_M)
         lse = tl.load(lse_ptr + slots)
         delta = tl.load(delta_ptr + slots)
@@ -261,25 +265,19 @@ def attention_backward(
     (``window_size`` 0, no bias) from the gradient of its output and that output; the same arguments as the forward
     otherwise. grad_qkv is contiguous in qkv's dtype, grad_qkv_bias in the bias's dtype (shape (0,) without one), as
     the C++ extension's ``attention_backward`` returns them. ``config`` overrides the tiles (for tuning)."""
-    head_dim = check_qkv(qkv, num_heads, "attention_backward")
+    op = "attention_backward"
+    qkv, head_dim = check_qkv(qkv, num_heads, op)
     if window_size < 0 or (window_size and q_pool and window_size % 2):
-        raise ValueError(
-            f"attention_backward: expected window_size 0 (global) or >= 1 (even with q_pool), got {window_size}"
-        )
+        raise ValueError(f"{op}: expected window_size 0 (global) or >= 1 (even with q_pool), got {window_size}")
     batch, height, width, channels3 = qkv.shape
     dim = channels3 // 3
     out_height, out_width = (height // 2, width // 2) if q_pool else (height, width)
-    if grad_out.shape != (batch, out_height, out_width, dim) or out.shape != grad_out.shape:
-        raise ValueError(
-            f"attention_backward: expected grad_out and out of shape {(batch, out_height, out_width, dim)}, got "
-            f"{tuple(grad_out.shape)} and {tuple(out.shape)}"
-        )
-    bias = None if qkv_bias is None else qkv_bias.to(qkv.dtype).contiguous()
-    if add_bias:
-        qkv = add_qkv_bias(qkv, bias)
-    if qkv.stride(3) != 1:
-        qkv = qkv.contiguous()
-    grad_out, out = grad_out.contiguous(), out.contiguous()
+    out_shape = (batch, out_height, out_width, dim)
+    grad_out = checked_operand(op, "grad_out", grad_out, out_shape, (qkv.dtype,), "rows", qkv.device)
+    out = checked_operand(op, "out", out, out_shape, (qkv.dtype,), "rows", qkv.device)
+    bias = check_qkv_bias(qkv_bias, qkv, op)
+    if add_bias:  # a contiguous sum: its layout would otherwise follow qkv's strides, unchecked
+        qkv = add_qkv_bias(qkv, bias).contiguous()
     grad_qkv = torch.zeros(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     grad_bias = None if bias is None else torch.zeros(channels3, dtype=torch.float32, device=qkv.device)
     if out.numel() > 0:
@@ -298,17 +296,17 @@ def attention_backward(
             DOT_IN_FP32=dot_in_fp32(qkv.dtype), BLOCK_M=config.block_m, BLOCK_N=config.block_n,
             BLOCK_D=config.block_d, **config.options(),
         )
-        strides = (*qkv.stride()[:3], *out.stride()[:3], _LOG2_E / math.sqrt(head_dim), 1.0 / math.sqrt(head_dim))
+        scales = (_LOG2_E / math.sqrt(head_dim), 1.0 / math.sqrt(head_dim))
         fill = qkv if bias is None else bias
         launchable(_attention_backward_dq_kernel, qkv)[(windows * query_blocks, num_heads, batch)](
             qkv, fill, out, grad_out, grad_qkv, lse, delta,
             height, width, out_height, out_width, window_cols, dim, num_queries, query_blocks, slots_per_head,
-            *strides, **common,
+            *qkv.stride()[:3], *out.stride()[:3], *grad_out.stride()[:3], *scales, **common,
         )
         launchable(_attention_backward_dkdv_kernel, qkv)[(windows * key_blocks, num_heads, batch)](
             qkv, fill, grad_out, grad_qkv, lse if grad_bias is None else grad_bias, lse, delta,
             height, width, out_height, out_width, window_cols, dim, num_queries, query_blocks, key_blocks,
-            slots_per_head, *strides, **common,
+            slots_per_head, *qkv.stride()[:3], *grad_out.stride()[:3], *scales, **common,
         )
     if grad_bias is not None and add_bias:
         grad_bias += grad_qkv.sum(dim=(0, 1, 2), dtype=torch.float32)
@@ -341,16 +339,18 @@ def aot_variants() -> Iterator[Tuple[str, object, dict, dict, dict]]:
             BLOCK_N=config.block_n, BLOCK_D=config.block_d,
         )
         sizes = ("height", "width", "out_height", "out_width", "window_cols", "dim", "num_queries", "query_blocks")
-        strides = ("stride_qkv_b", "stride_qkv_h", "stride_qkv_w", "stride_out_b", "stride_out_h", "stride_out_w")
         shape = f"w{window_size}{'_qpool' if q_pool else ''}" if window_size else "global"
-        for kernel, pointers, counts in (
-            (_attention_backward_dq_kernel, ("qkv", "bias", "out", "grad_out", "grad_qkv"), ()),
-            (_attention_backward_dkdv_kernel, ("qkv", "bias", "grad_out", "grad_qkv"), ("key_blocks",)),
+        for kernel, pointers, counts, strided in (
+            (_attention_backward_dq_kernel, ("qkv", "bias", "out", "grad_out", "grad_qkv"), (),
+             ("qkv", "out", "grad_out")),
+            (_attention_backward_dkdv_kernel, ("qkv", "bias", "grad_out", "grad_qkv"), ("key_blocks",),
+             ("qkv", "grad_out")),
         ):
             signature = {f"{name}_ptr": f"*{triton_dtype}" for name in pointers}
             if kernel is _attention_backward_dkdv_kernel:
                 signature["grad_bias_ptr"] = "*fp32"
             signature.update(lse_ptr="*fp32", delta_ptr="*fp32")
+            strides = [f"stride_{name}_{axis}" for name in strided for axis in "bhw"]
             signature.update({name: "i32" for name in (*sizes, *counts, "slots_per_head", *strides)})
             signature.update(qk_scale="fp32", sm_scale="fp32")
             signature.update({name: "constexpr" for name in constexprs})

@@ -7,16 +7,14 @@ memory traffic is the lateral read, the output write and a quarter-size read of 
 
 from __future__ import annotations
 
-import os
 from typing import Iterator, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .launch import launchable
+from .launch import TRITON_DTYPES, checked_operand, launchable
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # One program writes 2 x BLOCK_C x BLOCK_X float32 outputs (32 per thread at 4 warps).
 _BLOCK_C = 32
 _BLOCK_X = 64
@@ -78,37 +76,15 @@ def _fpn_upsample_add_kernel(
         tl.store(out_base + out_offsets, (lateral + top_down).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _check_device(tensor: torch.Tensor, name: str) -> None:
-    if tensor.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            f"expected {name} on a CUDA device (or on CPU under TRITON_INTERPRET=1), got a {tensor.device} tensor"
-        )
-
-
 def fpn_upsample_add(lateral: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     """``lateral + nearest_upsample_2x(prev.float())`` of (B, C, 2h, 2w) and (B, C, h, w) maps -> contiguous
     (B, C, 2h, 2w) of dtype ``torch.promote_types(lateral.dtype, torch.float32)``."""
-    if lateral.dim() != 4 or prev.dim() != 4:
-        raise ValueError(
-            f"expected lateral of shape (B, C, 2h, 2w) and prev of shape (B, C, h, w), "
-            f"got {tuple(lateral.shape)} and {tuple(prev.shape)}"
-        )
+    op = "fpn_upsample_add"
+    prev = checked_operand(op, "prev", prev, ("B", "C", "h", "w"), TRITON_DTYPES, "strided")
     batch, channels, prev_height, prev_width = prev.shape
-    expected_lateral = (batch, channels, 2 * prev_height, 2 * prev_width)
-    if tuple(lateral.shape) != expected_lateral:
-        raise ValueError(
-            f"expected lateral of shape {expected_lateral} (twice prev's {tuple(prev.shape)} spatially), "
-            f"got {tuple(lateral.shape)}"
-        )
-    for name, tensor in (("lateral", lateral), ("prev", prev)):
-        if tensor.dtype not in _DTYPES:
-            raise TypeError(f"expected {name} of dtype float32, bfloat16 or float16, got {tensor.dtype}")
-        _check_device(tensor, name)
-    if lateral.device != prev.device:
-        raise ValueError(f"expected lateral and prev on one device, got {lateral.device} and {prev.device}")
-    out = torch.empty(
-        expected_lateral, dtype=torch.promote_types(lateral.dtype, torch.float32), device=lateral.device
-    )
+    out_shape = (batch, channels, 2 * prev_height, 2 * prev_width)
+    lateral = checked_operand(op, "lateral", lateral, out_shape, TRITON_DTYPES, "strided", prev.device)
+    out = torch.empty(out_shape, dtype=torch.promote_types(lateral.dtype, torch.float32), device=lateral.device)
     if out.numel() == 0:
         return out
     grid = (batch * prev_height, triton.cdiv(2 * prev_width, _BLOCK_X), triton.cdiv(channels, _BLOCK_C))
@@ -119,7 +95,6 @@ def fpn_upsample_add(lateral: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     return out
 
 
-_TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # Which stride is 1 (and so a JIT constexpr) in each memory format of an NCHW tensor.
 _UNIT_STRIDE = {"contiguous": "w", "channels_last": "c"}
 
@@ -131,9 +106,8 @@ def aot_variants() -> Iterator[Tuple[str, object, dict, dict, int]]:
     dtype (fp32, bf16 or fp16); the block sizes do not depend on the config (d_model is 256 in all of them).
     Each of lateral and prev may be contiguous NCHW or channels_last, whose unit stride the JIT makes a constexpr.
     """
-    for dtype in _DTYPES:
-        type_name = _TRITON_DTYPE_NAMES[dtype]
-        out_name = _TRITON_DTYPE_NAMES[torch.promote_types(dtype, torch.float32)]
+    for dtype, type_name in TRITON_DTYPES.items():
+        out_name = TRITON_DTYPES[torch.promote_types(dtype, torch.float32)]
         for lateral_format, lateral_unit in _UNIT_STRIDE.items():
             for prev_format, prev_unit in _UNIT_STRIDE.items():
                 signature = {

@@ -9,8 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .fpn_upsample_add import _BLOCK_C, _BLOCK_X, _DTYPES, _NUM_WARPS, _TRITON_DTYPE_NAMES, _check_device
-from .launch import launchable
+from .fpn_upsample_add import _BLOCK_C, _BLOCK_X, _NUM_WARPS
+from .launch import TRITON_DTYPES, checked_operand, launchable
 
 
 @triton.jit
@@ -43,13 +43,12 @@ def _fpn_upsample_add_backward_kernel(
 def fpn_upsample_add_backward(grad: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     """prev's gradient in ``fpn_upsample_add(lateral, prev)`` given that of its (B, C, 2h, 2w) output: the 2x2 block
     sums of it, a contiguous map of prev's dtype (lateral's gradient is the output's, cast to lateral's dtype)."""
+    op = "fpn_upsample_add_backward"
+    # Only prev's shape, dtype and device are used: the kernel does not read it.
+    prev = checked_operand(op, "prev", prev, ("B", "C", "h", "w"), TRITON_DTYPES, "strided")
     batch, channels, prev_height, prev_width = prev.shape
-    if grad.shape != (batch, channels, 2 * prev_height, 2 * prev_width):
-        raise ValueError(f"expected grad of shape {(batch, channels, 2 * prev_height, 2 * prev_width)}, "
-                         f"got {tuple(grad.shape)}")
-    if prev.dtype not in _DTYPES:
-        raise TypeError(f"expected prev of dtype float32, bfloat16 or float16, got {prev.dtype}")
-    _check_device(grad, "grad")
+    grad = checked_operand(op, "grad", grad, (batch, channels, 2 * prev_height, 2 * prev_width), (torch.float32,),
+                           "strided", prev.device)
     grad_prev = torch.empty(prev.shape, dtype=prev.dtype, device=prev.device)
     if grad_prev.numel() > 0:
         grid = (batch * prev_height, triton.cdiv(prev_width, _BLOCK_X), triton.cdiv(channels, _BLOCK_C))
@@ -63,8 +62,7 @@ def fpn_upsample_add_backward(grad: torch.Tensor, prev: torch.Tensor) -> torch.T
 def aot_variants() -> Iterator[Tuple[str, object, dict, dict, dict]]:
     """(name, kernel, signature, constexprs, launch options): the output's gradient is fp32 (contiguous, W stride a
     constexpr 1, or channels-last, C stride 1); prev in fp32, bf16 or fp16."""
-    for dtype in _DTYPES:
-        type_name = _TRITON_DTYPE_NAMES[dtype]
+    for type_name in TRITON_DTYPES.values():
         for layout, unit in (("contiguous", "w"), ("channels_last", "c")):
             signature = {"grad_ptr": "*fp32", "grad_prev_ptr": f"*{type_name}", "channels": "i32",
                          "prev_height": "i32", "prev_width": "i32"}

@@ -13,10 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launchable
+from .launch import TRITON_DTYPES, launchable
 from .window_attention import (
-    _LOG2_E, TRITON_DTYPES, LaunchConfig, _attend, _head_pointers, _load_query_rows, check_qkv, dot_in_fp32,
-    max_block_n, padded_head_dim,
+    _LOG2_E, LaunchConfig, _attend, _head_pointers, _load_query_rows, check_qkv, dot_in_fp32, max_block_n,
+    padded_head_dim,
 )
 
 
@@ -80,11 +80,9 @@ def global_attention(
 ) -> torch.Tensor:
     """Triton launcher of ``sam2_fast.torch_ops.global_attention``: same arguments, same (B, H', W', dim) result.
     ``config`` overrides the launch config (for tuning)."""
-    head_dim = check_qkv(qkv, num_heads, "global_attention")
+    qkv, head_dim = check_qkv(qkv, num_heads, "global_attention")
     batch, height, width, channels3 = qkv.shape
     dim = channels3 // 3
-    if qkv.stride(3) != 1:
-        qkv = qkv.contiguous()
     out_height, out_width = (height // 2, width // 2) if q_pool else (height, width)
     out = torch.empty(batch, out_height, out_width, dim, dtype=qkv.dtype, device=qkv.device)
     if out.numel() == 0:

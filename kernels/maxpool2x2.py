@@ -6,16 +6,14 @@ Pooling directly in channels-last saves the two permutes (and the copies they fo
 
 from __future__ import annotations
 
-import os
 from typing import Iterator, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .launch import launchable
+from .launch import TRITON_DTYPES, checked_operand, launchable
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Elements of one program's output tile: 16 per thread at 4 warps, enough bytes in flight for a copy-like kernel.
 _TILE_ELEMENTS = 2048
 _NUM_WARPS = 4
@@ -82,25 +80,15 @@ def _block_sizes(channels: int) -> Tuple[int, int]:
     return _TILE_ELEMENTS // block_c, block_c
 
 
-def _check_device(tensor: torch.Tensor, name: str) -> None:
-    if tensor.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            f"expected {name} on a CUDA device (or on CPU under TRITON_INTERPRET=1), got a {tensor.device} tensor"
-        )
-
-
-def _check_map(x: torch.Tensor) -> None:
-    """Raise a clear error for an input map the kernels cannot pool (or route a pooled gradient back to)."""
-    if x.dim() != 4:
-        raise ValueError(f"expected a channels-last map of shape (B, H, W, C), got shape {tuple(x.shape)}")
-    if x.dtype not in _DTYPES:
-        raise TypeError(f"expected x of dtype float32, bfloat16 or float16, got {x.dtype}")
-    _check_device(x, "x")
+def check_map(x: torch.Tensor, op: str) -> torch.Tensor:
+    """Check a channels-last (B, H, W, C) map the kernels pool (or route a pooled gradient back to); they read it
+    with all four of its strides."""
+    return checked_operand(op, "x", x, ("B", "H", "W", "C"), TRITON_DTYPES, "strided")
 
 
 def maxpool2x2(x: torch.Tensor) -> torch.Tensor:
     """2x2 max-pool, stride 2, floor, of a channels-last (B, H, W, C) map -> contiguous (B, H // 2, W // 2, C)."""
-    _check_map(x)
+    x = check_map(x, "maxpool2x2")
     batch, height, width, channels = x.shape
     out_height, out_width = height // 2, width // 2
     out = torch.empty((batch, out_height, out_width, channels), dtype=x.dtype, device=x.device)
@@ -114,9 +102,6 @@ def maxpool2x2(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-_TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
 def aot_variants() -> Iterator[Tuple[str, object, dict, dict, int]]:
     """(name, kernel, signature, constexprs, num_warps) for every kernel the encoder configs launch.
 
@@ -127,8 +112,7 @@ def aot_variants() -> Iterator[Tuple[str, object, dict, dict, int]]:
 
     channel_counts = sorted({cfg.embed_dim * 2**stage for cfg in CONFIGS.values() for stage in range(len(cfg.stages))})
     block_sizes = sorted({_block_sizes(channels) for channels in channel_counts})
-    for dtype in _DTYPES:
-        type_name = _TRITON_DTYPE_NAMES[dtype]
+    for type_name in TRITON_DTYPES.values():
         for block_w, block_c in block_sizes:
             signature = {
                 "x_ptr": f"*{type_name}",

@@ -9,8 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launchable
-from .maxpool2x2 import _DTYPES, _NUM_WARPS, _TRITON_DTYPE_NAMES, _block_sizes, _check_map
+from .launch import TRITON_DTYPES, checked_operand, launchable
+from .maxpool2x2 import _NUM_WARPS, _block_sizes, check_map
 
 
 @triton.jit
@@ -56,19 +56,19 @@ def _maxpool2x2_backward_kernel(
 
 def maxpool2x2_backward(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The gradient of ``maxpool2x2(x)`` given that of its output: a contiguous (B, H, W, C) map of x's dtype."""
-    _check_map(x)
+    op = "maxpool2x2_backward"
+    x = check_map(x, op)
     batch, height, width, channels = x.shape
     out_height, out_width = height // 2, width // 2
-    if grad_out.shape != (batch, out_height, out_width, channels) or grad_out.dtype != x.dtype:
-        raise ValueError(f"expected grad_out of shape {(batch, out_height, out_width, channels)} and dtype {x.dtype}, "
-                         f"got {tuple(grad_out.shape)} and {grad_out.dtype}")
+    grad_out = checked_operand(op, "grad_out", grad_out, (batch, out_height, out_width, channels), (x.dtype,),
+                               "contiguous", x.device)
     grad_x = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
     if grad_out.numel() == 0:
         return grad_x
     block_w, block_c = _block_sizes(channels)
     grid = (batch * out_height, triton.cdiv(out_width, block_w), triton.cdiv(channels, block_c))
     launchable(_maxpool2x2_backward_kernel, x)[grid](
-        x, grad_out.contiguous(), grad_x, height, width, out_height, out_width, channels, *x.stride(),
+        x, grad_out, grad_x, height, width, out_height, out_width, channels, *x.stride(),
         BLOCK_W=block_w, BLOCK_C=block_c, num_warps=_NUM_WARPS,
     )
     return grad_x
@@ -80,8 +80,7 @@ def aot_variants() -> Iterator[Tuple[str, object, dict, dict, dict]]:
     from sam2_fast.configs import CONFIGS
 
     channel_counts = sorted({cfg.embed_dim * 2**stage for cfg in CONFIGS.values() for stage in range(len(cfg.stages))})
-    for dtype in _DTYPES:
-        type_name = _TRITON_DTYPE_NAMES[dtype]
+    for type_name in TRITON_DTYPES.values():
         for block_w, block_c in sorted({_block_sizes(channels) for channels in channel_counts}):
             signature = {"x_ptr": f"*{type_name}", "grad_out_ptr": f"*{type_name}", "grad_x_ptr": f"*{type_name}"}
             signature.update({name: "i32" for name in (

@@ -16,11 +16,9 @@ import triton.language as tl
 
 from ..op_shapes import queries_per_window
 from ..torch_ops import add_qkv_bias
-from .launch import launchable
+from .launch import TRITON_DTYPES, checked_operand, launchable
 
 _LOG2_E = 1.4426950408889634
-# Triton dtypes by torch dtype, for the AOT signatures.
-TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 def dot_in_fp32(dtype: torch.dtype) -> bool:
@@ -260,17 +258,24 @@ def _window_blocks(window_size: int, q_pool: bool, head_dim: int, dtype: torch.d
     return LaunchConfig(block_m, block_n, block_d, 4 if block_m >= 64 else 2, 3)
 
 
-def check_qkv(qkv: torch.Tensor, num_heads: int, op: str) -> int:
-    """Validate a (B, H, W, 3 * dim) qkv map of a float dtype; return head_dim."""
-    if qkv.dim() != 4:
-        raise ValueError(f"{op}: expected qkv of shape (B, H, W, 3 * dim), got {tuple(qkv.shape)}")
-    if qkv.dtype not in TRITON_DTYPES:
-        raise TypeError(f"{op}: expected qkv of dtype float16, bfloat16 or float32, got {qkv.dtype}")
+def check_qkv(qkv: torch.Tensor, num_heads: int, op: str) -> Tuple[torch.Tensor, int]:
+    """Check a (B, H, W, 3 * dim) qkv map (see ``launch.checked_operand``) whose last dim splits into num_heads
+    heads; return it with unit channel stride (the kernels take its other strides) and head_dim."""
+    qkv = checked_operand(op, "qkv", qkv, ("B", "H", "W", "3 * dim"), TRITON_DTYPES, "rows")
     if num_heads < 1 or qkv.shape[3] % (3 * num_heads) != 0:
         raise ValueError(
             f"{op}: expected qkv's last dim to be a multiple of 3 * num_heads = {3 * num_heads}, got {qkv.shape[3]}"
         )
-    return qkv.shape[3] // (3 * num_heads)
+    return qkv, qkv.shape[3] // (3 * num_heads)
+
+
+def check_qkv_bias(qkv_bias: Optional[torch.Tensor], qkv: torch.Tensor, op: str) -> Optional[torch.Tensor]:
+    """Check a (3 * dim,) qkv bias of a float dtype on qkv's device, or None; return it contiguous in qkv's dtype
+    (under autocast the qkv projection's output is 16-bit while its bias stays fp32)."""
+    if qkv_bias is None:
+        return None
+    qkv_bias = checked_operand(op, "qkv_bias", qkv_bias, (qkv.shape[3],), TRITON_DTYPES, "contiguous", qkv.device)
+    return qkv_bias.to(qkv.dtype)
 
 
 def window_attention(
@@ -282,23 +287,16 @@ def window_attention(
     ``add_bias`` adds the bias in a separate pass before the kernel: on GPU the qkv GEMM adds its bias in its
     epilogue for free, so the model never asks for it there. ``config`` overrides the launch config (for tuning).
     """
-    head_dim = check_qkv(qkv, num_heads, "window_attention")
+    qkv, head_dim = check_qkv(qkv, num_heads, "window_attention")
     if window_size < 1 or (q_pool and window_size % 2):
         raise ValueError(
             f"window_attention: expected a window_size >= 1 (even with q_pool), got {window_size} (q_pool={q_pool})"
         )
+    qkv_bias = check_qkv_bias(qkv_bias, qkv, "window_attention")
+    if add_bias:  # a contiguous sum: its layout would otherwise follow qkv's strides, unchecked
+        qkv = add_qkv_bias(qkv, qkv_bias).contiguous()
     batch, height, width, channels3 = qkv.shape
     dim = channels3 // 3
-    if qkv_bias is not None:
-        if qkv_bias.shape != (channels3,):
-            raise ValueError(f"window_attention: expected qkv_bias of shape ({channels3},), got {tuple(qkv_bias.shape)}")
-        if qkv_bias.device != qkv.device:
-            raise ValueError(f"window_attention: qkv_bias is on {qkv_bias.device}, qkv on {qkv.device}")
-        qkv_bias = qkv_bias.to(qkv.dtype).contiguous()
-    if add_bias:
-        qkv = add_qkv_bias(qkv, qkv_bias)
-    if qkv.stride(3) != 1:
-        qkv = qkv.contiguous()
     out_height, out_width = (height // 2, width // 2) if q_pool else (height, width)
     out = torch.empty(batch, out_height, out_width, dim, dtype=qkv.dtype, device=qkv.device)
     if out.numel() == 0:

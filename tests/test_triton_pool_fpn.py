@@ -106,14 +106,6 @@ def test_maxpool2x2_compiles_fullgraph():
     _assert_exact(actual, torch_ops.maxpool2x2(x * 2.0) + 1.0, "compiled maxpool2x2")
 
 
-def test_maxpool2x2_rejects_bad_inputs():
-    bad_rank = r"expected a channels-last map of shape \(B, H, W, C\), got shape \(4, 4, 3\)"
-    with pytest.raises(ValueError, match=bad_rank):
-        maxpool2x2(_random((4, 4, 3), torch.float32, 0))
-    with pytest.raises(TypeError, match="expected x of dtype float32, bfloat16 or float16, got torch.float64"):
-        maxpool2x2(_random((1, 4, 4, 3), torch.float64, 0))
-
-
 def test_maxpool2x2_empty_output():
     x = _random((2, 1, 5, 8), torch.float32, 0)
     assert maxpool2x2(x).shape == (2, 0, 2, 8)
@@ -183,14 +175,3 @@ def test_fpn_upsample_add_opcheck(dtype):
     lateral = _layout(_random((2, 5, 6, 10), dtype, 22), "channels_last").requires_grad_(requires_grad)
     prev = _random((2, 5, 3, 5), dtype, 23).requires_grad_(requires_grad)
     torch.library.opcheck(torch.ops.sam2_fast.fpn_upsample_add.default, (lateral, prev, "triton"))
-
-
-def test_fpn_upsample_add_rejects_bad_inputs():
-    prev = _random((1, 4, 3, 5), torch.float32, 0)
-    with pytest.raises(ValueError, match=r"expected lateral of shape \(1, 4, 6, 10\) .* got \(1, 4, 6, 9\)"):
-        fpn_upsample_add(_random((1, 4, 6, 9), torch.float32, 0), prev)
-    bad_rank = r"expected lateral of shape \(B, C, 2h, 2w\) and prev of shape \(B, C, h, w\)"
-    with pytest.raises(ValueError, match=bad_rank):
-        fpn_upsample_add(_random((4, 6, 10), torch.float32, 0), prev)
-    with pytest.raises(TypeError, match="expected prev of dtype float32, bfloat16 or float16, got torch.float64"):
-        fpn_upsample_add(_random((1, 4, 6, 10), torch.float32, 0), prev.double())
