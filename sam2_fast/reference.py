@@ -10,9 +10,12 @@ import torch
 from .configs import get_config
 
 
-def build_reference_encoder(name: str, **trunk_overrides) -> torch.nn.Module:
+def build_reference_encoder(name: str, *, seed: int = 0, **trunk_overrides) -> torch.nn.Module:
     """The `sam2` package's ImageEncoder for config ``name``, with its own random initialisation, in eval mode;
-    ``trunk_overrides`` replace Hiera arguments of the config (e.g. ``drop_path_rate=0.1``)."""
+    ``trunk_overrides`` replace Hiera arguments of the config (e.g. ``drop_path_rate=0.1``).
+
+    The initialisation draws from the global RNG (sam2's modules take no generator), seeded with ``seed`` in a fork
+    of it: the weights are a function of (config, seed), and the caller's global RNG is left as it was."""
     try:
         from sam2.modeling.backbones.hieradet import Hiera
         from sam2.modeling.backbones.image_encoder import FpnNeck, ImageEncoder
@@ -23,6 +26,8 @@ def build_reference_encoder(name: str, **trunk_overrides) -> torch.nn.Module:
             "SAM2_BUILD_CUDA=0 pip install --no-deps --no-build-isolation sam2==1.1.0 hydra-core iopath"
         ) from error
     config = get_config(name)
-    trunk = Hiera(**{**config.trunk_kwargs(), **trunk_overrides})
-    neck = FpnNeck(PositionEmbeddingSine(**config.position_encoding_kwargs()), **config.neck_kwargs())
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        trunk = Hiera(**{**config.trunk_kwargs(), **trunk_overrides})
+        neck = FpnNeck(PositionEmbeddingSine(**config.position_encoding_kwargs()), **config.neck_kwargs())
     return ImageEncoder(trunk, neck, scalp=config.scalp).eval()

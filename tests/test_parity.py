@@ -24,6 +24,21 @@ CASES = [(name, (96, 160)) for name in ALL_CONFIGS] + [
 ]
 
 
+def test_seeded_weights_depend_on_config_and_seed_only():
+    # Every test gets the same weights for a (config, seed) whatever ran before it: building them neither reads nor
+    # advances the global RNG (a cache miss rebuilds the same state; helpers.seeded_state).
+    name = "sam2.1_hiera_tiny"
+    states = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        before = torch.random.get_rng_state()
+        states.append(seeded_state.__wrapped__(name, 0))
+        assert torch.equal(torch.random.get_rng_state(), before), "building the seeded weights drew from the global RNG"
+    assert states[0].keys() == states[1].keys()
+    for key, value in states[0].items():
+        assert torch.equal(states[1][key], value), f"{key} depends on the global RNG"
+
+
 @pytest.mark.parametrize("name,size", CASES, ids=[f"{n}-{h}x{w}" for n, (h, w) in CASES])
 def test_fp32_every_config_non_square_padded(name, size):
     reference, ours = encoder_pair(name)
