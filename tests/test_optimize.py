@@ -10,7 +10,7 @@ import sam2_fast
 from sam2_fast import ops
 
 from helpers import (FP32_RELATIVE_TOLERANCE, assert_close_verbose, check_low_precision_outputs, flat_outputs,
-                     randomize_)
+                     global_rng_seeded, randomize_)
 
 build_sam = pytest.importorskip("sam2.build_sam")
 
@@ -18,7 +18,10 @@ IMAGE = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(21))
 
 
 def _model(builder: str, config_file: str, seed: int = 22):
-    model = getattr(build_sam, builder)(config_file, device="cpu")
+    """A SAM-2 model whose weights are a function of ``seed``: sam2's initialisation of the heads drawn from the
+    seeded global RNG, the image encoder's from helpers.randomize_."""
+    with global_rng_seeded(seed):
+        model = getattr(build_sam, builder)(config_file, device="cpu")
     randomize_(model.image_encoder, seed)
     return model
 
