@@ -75,6 +75,91 @@ def encoder_pair(name: str, seed: int = 0):
     return reference, ours
 
 
+# A 2x2 max-pool routes its gradient to the largest value of each window. Where a window's largest value and the
+# next one lie closer than an fp32 path's error, that path may pick the other one: every gradient upstream then
+# changes by a whole element's contribution, not by rounding, and no tolerance derived from rounding holds. The
+# gradient tests that cross Hiera's pools (the q-pooling of attention and the pooled shortcut of a stage's first
+# block) therefore check their inputs first: in float64, each window's largest value must exceed the next smaller
+# one by more than MAX_POOL_MARGIN x the fp32 reference's error at that pool. A path whose error there is within
+# twice the reference's (what the gradient tests demand of ours) moves each value by at most 2x that error, so a
+# gap over 4x it cannot close, in ours nor in the reference.
+MAX_POOL_MARGIN = 4.0
+
+
+@contextlib.contextmanager
+def recorded_max_pool_inputs(model: torch.nn.Module):
+    """A list that receives the input of every ``nn.MaxPool2d`` of ``model`` (the reference's q-pools and pooled
+    shortcuts, (N, C, H, W), detached) run inside the block."""
+    captured = []
+    hooks = [module.register_forward_pre_hook(lambda _, args: captured.append(args[0].detach()))
+             for module in model.modules() if isinstance(module, torch.nn.MaxPool2d)]
+    try:
+        yield captured
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def max_pool_gaps(x: torch.Tensor) -> torch.Tensor:
+    """For each window of ``max_pool2d(x, 2)`` (x: (N, C, H, W); odd sizes floor), its largest value minus the next
+    smaller one (inf where all four are equal). Values equal to the largest count as one: they are exact copies
+    (padded tokens all carry the qkv bias), equal in every path, and max_pool2d's first-maximum rule picks the same
+    one of them everywhere."""
+    height, width = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
+    windows = x[..., :height, :width].unfold(-2, 2, 2).unfold(-2, 2, 2).flatten(-2)
+    largest = windows.amax(dim=-1, keepdim=True)
+    below = windows.masked_fill(windows == largest, float("-inf")).amax(dim=-1)
+    return largest.squeeze(-1) - below
+
+
+def q_pool_input(qkv: torch.Tensor, qkv_bias, add_bias: bool) -> torch.Tensor:
+    """What window_attention's q-pooling pools, where it matters: q of the real tokens (plus the bias where the op
+    adds it), (B, dim, H, W) in float64. Windows that take in padded tokens are cropped from the output (odd sizes
+    floor), so their gradients are zero whichever pixel wins."""
+    dim = qkv.shape[-1] // 3
+    q = qkv[..., :dim].double()
+    if add_bias:
+        q = q + qkv_bias[:dim].double()
+    return q.permute(0, 3, 1, 2)
+
+
+def ulp(magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One unit in the last place of ``dtype`` at each (positive) ``magnitude``."""
+    _, exponent = torch.frexp(magnitude)  # magnitude = mantissa * 2^exponent, mantissa in [0.5, 1)
+    return torch.ldexp(torch.full_like(magnitude, torch.finfo(dtype).eps), exponent - 1)
+
+
+def assert_max_pool_gaps_exceed(x: torch.Tensor, margin, what: str) -> None:
+    """Every window of ``max_pool2d(x, 2)`` has its largest value more than ``margin`` (a number, or one per window)
+    above the next smaller one (:func:`max_pool_gaps`)."""
+    gaps = max_pool_gaps(x)
+    near = gaps <= margin
+    assert not near.any(), (f"{what}: {int(near.sum())} of {near.numel()} max-pool windows have their two largest "
+                            f"values within the margin (smallest gap {gaps.min().item():.3g}); choose another seed")
+
+
+def max_pool_near_ties(exact_inputs: list, fp32_inputs: list, margin: float = MAX_POOL_MARGIN) -> list:
+    """One line per pool that has windows whose float64 gap (:func:`max_pool_gaps`) is at most ``margin`` x the fp32
+    path's largest error at that pool's input; empty when no tie can flip."""
+    assert len(exact_inputs) == len(fp32_inputs) > 0, "expected the same pools, at least one, in both paths"
+    lines = []
+    for index, (exact, approx) in enumerate(zip(exact_inputs, fp32_inputs)):
+        error = max_abs_error(approx, exact)
+        gaps = max_pool_gaps(exact.double())
+        near = gaps <= margin * error
+        if near.any():
+            lines.append(f"pool {index} {tuple(exact.shape)}: {int(near.sum())} of {gaps.numel()} windows within "
+                         f"{margin} x the fp32 error {error:.3g} (smallest gap {gaps.min().item():.3g})")
+    return lines
+
+
+def assert_clear_of_max_pool_ties(exact_inputs: list, fp32_inputs: list, what: str) -> None:
+    """:func:`max_pool_near_ties` finds nothing; the message names ``what`` to change (a seed) otherwise."""
+    near = max_pool_near_ties(exact_inputs, fp32_inputs)
+    assert not near, (f"max-pool near-ties: a tie could route a gradient to another pixel; choose another {what}:\n  "
+                      + "\n  ".join(near))
+
+
 def flat_outputs(output: dict):
     """The encoder's output dict as a list of (name, tensor)."""
     items = [("vision_features", output["vision_features"])]
@@ -133,6 +218,8 @@ def triton_test_device():
 # fp32: both sides do the same math; they differ only where GEMMs see a different number of rows (we project
 # real tokens only, the reference also its padded ones) or where a kernel sums in another order, i.e. in float
 # rounding, ~1e-7 relative per layer. Across up to 48 blocks that stays far below 1e-4 of the outputs' magnitude.
+# Outputs (unlike gradients) are safe across the max-pools: where rounding swaps a window's two largest values, the
+# pooled value moves by their gap, which is no larger than that rounding.
 FP32_RELATIVE_TOLERANCE = 1e-4
 
 
@@ -174,6 +261,37 @@ def check_low_precision_outputs(exact_out: dict, reference_low_out: dict, ours_l
         )
         ours_worst, reference_worst = max(ours_worst, our_error / scale), max(reference_worst, reference_error / scale)
     return ours_worst, reference_worst
+
+
+# fp32 gradients against the float64 truth: ours may be at most twice the reference's own fp32 error, plus a floor
+# for gradients that both sides get within a few ulps (the reference's error can then be near zero by chance). All
+# errors are relative to the gradient's magnitude (its largest element).
+FP32_GRADIENT_ERROR_RATIO, FP32_GRADIENT_ERROR_FLOOR = 2.0, 1e-6
+
+
+def relative_error(actual: torch.Tensor, truth: torch.Tensor) -> float:
+    """max |actual - truth| / max |truth|."""
+    return ((actual.double() - truth).abs().max() / truth.abs().max().clamp_min(1e-300)).item()
+
+
+def check_gradients(ours: dict, reference: dict, truth: dict, ratio: float = FP32_GRADIENT_ERROR_RATIO,
+                    floor: float = FP32_GRADIENT_ERROR_FLOOR, label: str = "ours") -> float:
+    """Every gradient of ``ours`` is within ``ratio`` x the reference's own error against the float64 ``truth``, plus
+    ``floor`` (all relative to the gradient's magnitude); prints both worst errors and returns our worst over the
+    reference's worst."""
+    assert set(ours) == set(truth), f"{label}: gradients differ in names: {sorted(set(ours) ^ set(truth))}"
+    failures, worst = [], (0.0, 0.0)
+    for name, true_grad in truth.items():
+        assert ours[name] is not None, f"{label}: {name}: no gradient"
+        assert ours[name].shape == true_grad.shape, f"{label}: {name}: shape {ours[name].shape} != {true_grad.shape}"
+        our_error, reference_error = relative_error(ours[name], true_grad), relative_error(reference[name], true_grad)
+        worst = max(worst[0], our_error), max(worst[1], reference_error)
+        if not our_error <= ratio * reference_error + floor:
+            failures.append(f"{name}: {our_error:.3g} > {ratio} x reference's {reference_error:.3g} + {floor:g}")
+    print(f"{label}: worst relative gradient error {worst[0]:.3g}, reference's {worst[1]:.3g}")
+    assert not failures, (f"{label}: {len(failures)} of {len(truth)} gradients too far from float64:\n  "
+                          + "\n  ".join(failures))
+    return worst[0] / max(worst[1], 1e-300)
 
 
 # Low-precision attention: the error a bf16/fp16 attention kernel is allowed is derived the same way on every
