@@ -324,18 +324,26 @@ def emulated_low_precision_attention(attention_fn: Callable, qkv: torch.Tensor, 
         return attention_fn(qkv, *args)
 
 
+def assert_error_within(name: str, actual: torch.Tensor, yardstick: torch.Tensor, exact: torch.Tensor, ratio: float,
+                        floor: float, yardstick_name: str) -> None:
+    """``actual``'s max error against the more precise ``exact`` is at most ``ratio`` x the error of ``yardstick`` (the
+    same computation done plainly in actual's dtype), plus ``floor``; prints both errors."""
+    assert actual.dtype == yardstick.dtype, f"{name}: dtype {actual.dtype} != {yardstick_name}'s {yardstick.dtype}"
+    assert actual.shape == exact.shape, f"{name}: shape {tuple(actual.shape)} != expected {tuple(exact.shape)}"
+    actual_error, yardstick_error = max_abs_error(actual, exact), max_abs_error(yardstick, exact)
+    print(f"{name}: error {actual_error:.3g}, {yardstick_name}'s {yardstick_error:.3g} (vs {exact.dtype})")
+    assert actual_error <= ratio * yardstick_error + floor, (
+        f"{name}: error {actual_error:.3g} vs {exact.dtype} > {ratio} x {yardstick_name}'s {yardstick_error:.3g} "
+        f"+ {floor:.3g}"
+    )
+
+
 def assert_low_precision_attention_error(name: str, actual: torch.Tensor, emulated: torch.Tensor,
                                          expected: torch.Tensor, floor: float) -> None:
     """``actual``'s max error against the fp32 ``expected`` is at most twice the emulated kernel's, plus ``floor``;
     prints both errors."""
-    assert actual.dtype == emulated.dtype, f"{name}: dtype {actual.dtype} != {emulated.dtype}"
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
-    actual_error, emulated_error = max_abs_error(actual, expected), max_abs_error(emulated, expected)
-    print(f"{name}: error {actual_error:.3g}, emulated {actual.dtype} kernel's {emulated_error:.3g} (vs fp32)")
-    assert actual_error <= LOW_PRECISION_ATTENTION_ERROR_RATIO * emulated_error + floor, (
-        f"{name}: error {actual_error:.3g} vs fp32 > {LOW_PRECISION_ATTENTION_ERROR_RATIO} x the emulated "
-        f"{actual.dtype} kernel's {emulated_error:.3g} + {floor:.3g}"
-    )
+    assert_error_within(name, actual, emulated, expected, LOW_PRECISION_ATTENTION_ERROR_RATIO, floor,
+                        f"the emulated {actual.dtype} kernel")
 
 
 def brgemm_f32_usable() -> bool:
