@@ -209,7 +209,7 @@ struct BackwardProblem {
   const scalar_t* grad_out;
   const scalar_t* out;
   scalar_t* grad_qkv;                    // contiguous (B, H, W, 3 * dim)
-  acc_t* bias_grads;                     // (ranges, 3 * dim), one row per range of tasks
+  double* bias_grads;                    // (ranges, 3 * dim), one row per range of tasks, summed in float64
   int64_t height, width, dim, num_heads, head_dim, step, out_h, out_w;
   int64_t window_h, window_w, out_window_h, out_window_w, rows, cols;  // the windows, and how many per column / row
   int64_t max_keys, max_queries, block_rows;
@@ -257,7 +257,7 @@ SAM2_FAST_INLINE void backward_tasks(const BackwardProblem<scalar_t>& p, int64_t
   std::vector<uint8_t> corners(p.q_pool ? max_queries * head_dim : 0);  // which of the 2x2 tokens each q came from
   std::vector<acc_t> probs(block_rows * max_key_ld), grad_scores(block_rows * max_key_ld);
   std::vector<acc_t> grad_queries(block_rows * head_dim);
-  acc_t* bias_grad = p.bias_grads + range * 3 * dim;
+  double* bias_grad = p.bias_grads + range * 3 * dim;
 
   for (int64_t task = begin; task < end; ++task) {
     const TaskWindow w = p.window(task);
@@ -446,8 +446,11 @@ std::tuple<at::Tensor, at::Tensor> attention_backward_cpu(
   const int64_t block_rows =
       std::min(max_queries, std::max(kMinQueryBlockRows, kScoreBlockElements / std::max<int64_t>(1, max_keys)));
   const at::ScalarType acc_type = qkv.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  // One row per range of tasks of parallel_for_balanced (at most one range per thread), summed at the end.
-  at::Tensor bias_grads = at::zeros({at::get_num_threads(), 3 * dim}, qkv.options().dtype(acc_type));
+  // One row per range of tasks of parallel_for_balanced (at most one range per thread), summed at the end. In
+  // float64: with add_bias a row sums every token of its range, a chain thousands long that in fp32 rounded up to 6x
+  // the reference's error (the qkv projection's bias gradient, a cascade sum in ATen) for a loss whose gradients
+  // agree in sign across tokens.
+  at::Tensor bias_grads = at::zeros({at::get_num_threads(), 3 * dim}, qkv.options().dtype(at::kDouble));
   const bool brgemm = acc_type == at::kFloat && brgemm_attention_backward();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "attention_backward_cpu", [&] {
@@ -456,7 +459,7 @@ std::tuple<at::Tensor, at::Tensor> attention_backward_cpu(
         qkv.const_data_ptr<scalar_t>(), qkv.stride(0), qkv.stride(1), qkv.stride(2),
         bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, add_bias,
         grad_out.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(), grad_qkv.mutable_data_ptr<scalar_t>(),
-        bias_grads.mutable_data_ptr<acc_t>(),
+        bias_grads.mutable_data_ptr<double>(),
         height, width, dim, num_heads, head_dim, step, out_h, out_w,
         window_h, window_w, out_window_h, out_window_w, rows, cols,
         max_keys, max_queries, block_rows, q_pool, brgemm};

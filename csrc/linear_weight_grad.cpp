@@ -8,7 +8,7 @@
 // The threads split the M rows into equal ranges. For each chunk of kRowChunk rows a thread transposes a block of
 // kOutBlock columns of grad at a time (in registers) and brgemm adds its product with the chunk of input into the
 // thread's partial dW, kColBlock columns at a time so that the operands stay in cache; the bias gradient sums the same
-// transposed rows. The partials are then added in thread order, so the result depends on the thread count only.
+// transposed rows in float64. The partials are then added in thread order, so the result depends on the thread count only.
 // Each output sums kRowChunk products in one chain, then the chunks: the rounding of a blocked sum. Used by
 // sam2_fast.cpu_gemm in training where oneDNN is the chosen fp32 library, only where brgemm_f32_usable(): against
 // the BLAS's mm and sum it took 1.0x-1.3x less time at the encoder's shapes on an AMD EPYC Zen 4, with less rounding.
@@ -38,7 +38,7 @@ constexpr int64_t kColBlock = 512;  // dW columns per brgemm call
 // Rows [0, rows) of grad and input into the partial dW (n, k; rows ld_partial apart) and the partial db (or null).
 SAM2_FAST_MULTIVERSION
 void accumulate_rows(const float* grad, int64_t ld_grad, const float* input, int64_t ld_input, int64_t rows, int64_t n,
-                     int64_t k, float* partial, int64_t ld_partial, float* bias_partial, float* scratch) {
+                     int64_t k, float* partial, int64_t ld_partial, double* bias_partial, float* scratch) {
   for (int64_t m0 = 0; m0 < rows; m0 += kRowChunk) {
     const int64_t chunk = std::min(kRowChunk, rows - m0);
     for (int64_t n0 = 0; n0 < n; n0 += kOutBlock) {
@@ -46,7 +46,7 @@ void accumulate_rows(const float* grad, int64_t ld_grad, const float* input, int
       transpose(grad + m0 * ld_grad + n0, chunk, block, ld_grad, scratch, kRowChunk);  // (block, chunk)
       if (bias_partial != nullptr) {
         for (int64_t i = 0; i < block; ++i) {
-          float sum = 0.0f;
+          double sum = 0.0;
           for (int64_t j = 0; j < chunk; ++j) sum += scratch[i * kRowChunk + j];
           bias_partial[n0 + i] = m0 == 0 ? sum : bias_partial[n0 + i] + sum;
         }
@@ -76,7 +76,9 @@ std::tuple<at::Tensor, at::Tensor> linear_weight_grad_cpu(const at::Tensor& grad
   const int64_t chunks = (rows + kRowChunk - 1) / kRowChunk;
   const int64_t ranges = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), chunks));
   at::Tensor partials = at::empty({ranges, n, ld_partial}, grad_in.options());
-  at::Tensor bias_partials = at::empty({ranges, with_bias ? n : 0}, grad_in.options());
+  // The bias gradient sums M rows: in float64, since in fp32 its chains (kRowChunk rows, then the chunks) rounded
+  // up to 8x ATen's cascade sum for a gradient whose rows agree in sign (a loss broadcast over the pixels).
+  at::Tensor bias_partials = at::empty({ranges, with_bias ? n : 0}, grad_in.options().dtype(at::kDouble));
   if (rows == 0) {
     partials.zero_();
     bias_partials.zero_();
@@ -84,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor> linear_weight_grad_cpu(const at::Tensor& grad
   const float* grad_data = grad.matrix.const_data_ptr<float>();
   const float* input_data = input.matrix.const_data_ptr<float>();
   float* partial_data = partials.mutable_data_ptr<float>();
-  float* bias_data = with_bias ? bias_partials.mutable_data_ptr<float>() : nullptr;
+  double* bias_data = with_bias ? bias_partials.mutable_data_ptr<double>() : nullptr;
   const int64_t ld_grad = grad.ld, ld_input = input.ld;
   at::parallel_for(0, ranges, 1, [&](int64_t first, int64_t last) {
     std::vector<float> scratch(kOutBlock * kRowChunk);
@@ -97,8 +99,7 @@ std::tuple<at::Tensor, at::Tensor> linear_weight_grad_cpu(const at::Tensor& grad
     }
   });
   at::Tensor weight_grad = (ranges == 1 ? partials[0] : partials.sum(0)).narrow(1, 0, k).contiguous();
-  at::Tensor bias_grad = with_bias ? (ranges == 1 ? bias_partials[0].clone() : bias_partials.sum(0))
-                                   : at::empty({0}, grad_in.options());
+  at::Tensor bias_grad = with_bias ? bias_partials.sum(0).to(at::kFloat) : at::empty({0}, grad_in.options());
   return {weight_grad, bias_grad};
 }
 
