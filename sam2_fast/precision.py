@@ -53,11 +53,16 @@ def brgemm_attention_backward() -> Optional[bool]:
 
 
 def _cpu_has_native(dtype: torch.dtype) -> bool:
+    """Whether this CPU has ``dtype``'s matrix units and ATen runs its AVX-512 kernels: capping ATen at AVX2
+    (``ATEN_CPU_CAPABILITY=avx2``, with ``ONEDNN_MAX_CPU_ISA=AVX2`` for oneDNN, as CI's AVX2 step does) makes an
+    AVX-512 CPU take the paths of an AVX2 one, as the extension's bf16 attention does; oneDNN's bf16 weight packing
+    raises under that cap."""
     probes = {
         torch.bfloat16: ("_is_avx512_bf16_supported", "_is_amx_tile_supported"),
         torch.float16: ("_is_amx_fp16_supported",),
     }[dtype]
-    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+    has_units = any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+    return has_units and torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
 CPU_NATIVE_LOW_PRECISION = {dtype: _cpu_has_native(dtype) for dtype in (torch.bfloat16, torch.float16)}
