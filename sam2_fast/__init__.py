@@ -10,13 +10,14 @@ import importlib.util
 from . import sam2_configs
 from .build import build_image_encoder
 from .capture import CudaGraphImageEncoder, capture_cuda_graphs
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, CheckpointNotFoundError, load_checkpoint
 from .cpu_gemm import fp32_library as cpu_fp32_gemm, set_fp32_library as set_cpu_fp32_gemm
 from .configs import CONFIGS, DEFAULT_CONFIG, EncoderConfig, get_config
 from .drop_in import OptimizedImageEncoder, optimize
 from .export import ExportedEncoder, export_encoder, load_exported
 from .hiera import Hiera, MultiScaleAttention, MultiScaleBlock, set_activation_checkpointing
 from .image_encoder import FpnNeck, ImageEncoder
+from .images import ImageError
 from .ops import (
     BackendUnavailableError, active_backends, active_backward, backend_status, get_backend, set_backend, use_backend,
 )
@@ -31,7 +32,7 @@ if importlib.util.find_spec("hydra") is not None:
 
 __all__ = [
     "ImageEncoder", "Hiera", "MultiScaleBlock", "MultiScaleAttention", "FpnNeck", "PositionEmbeddingSine",
-    "build_image_encoder", "load_checkpoint", "CheckpointError", "CONFIGS", "DEFAULT_CONFIG", "EncoderConfig",
+    "build_image_encoder", "load_checkpoint", "CheckpointError", "CheckpointNotFoundError", "ImageError", "CONFIGS", "DEFAULT_CONFIG", "EncoderConfig",
     "get_config", "set_backend", "get_backend", "use_backend", "backend_status", "active_backends",
     "active_backward",
     "BackendUnavailableError", "capture_cuda_graphs", "CudaGraphImageEncoder", "export_encoder", "load_exported",
