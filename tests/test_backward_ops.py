@@ -18,7 +18,7 @@ from sam2_fast.reference import build_reference_encoder
 
 from helpers import (
     assert_clear_of_max_pool_ties, assert_close_verbose, assert_max_pool_gaps_exceed, brgemm_f32_usable,
-    check_gradients, max_abs_error, q_pool_input, recorded_max_pool_inputs, seeded_state, ulp,
+    check_gradients, max_abs_error, max_pool_gaps, q_pool_input, recorded_max_pool_inputs, seeded_state, ulp,
 )
 
 # Backends with a backward (kernel or formula) for some op on CPU.
@@ -224,6 +224,17 @@ def test_q_pool_gradient_follows_max_pool2d_ties(backend, add_bias):
         torch.autograd.grad(_KernelBackward.apply("maxpool2x2", backend, x), x, pooled_grad)[0],
         torch.autograd.grad(torch_ops.maxpool2x2(x), x, pooled_grad)[0], name="maxpool2x2 grad x",
     )
+
+
+def test_max_pool_gaps_count_equal_maxima_once():
+    # helpers.max_pool_gaps, which the tie margins of the gradient tests rest on: the largest value minus the next
+    # smaller one per 2x2 window (floor), equal maxima (exact copies, such as padded tokens) counted once.
+    x = torch.tensor([[1.0, 2.0, 5.0, 5.0, 9.0],
+                      [0.0, 1.5, 5.0, 4.0, 9.0],
+                      [3.0, 3.0, 1.0, 1.0, 9.0]], dtype=torch.float64)[None, None]
+    torch.testing.assert_close(max_pool_gaps(x), torch.tensor([[[[0.5, 1.0]]]], dtype=torch.float64))
+    assert max_pool_gaps(torch.ones(1, 1, 2, 2)).item() == float("inf")
+    assert ulp(torch.tensor([1.0, 3.0]), torch.bfloat16).tolist() == [2**-7, 2**-6]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
