@@ -52,7 +52,10 @@ def seeded_image(batch: int, image_size: int, device: torch.device) -> torch.Ten
 
 def build_encoder(config: str, reference: bool, dtype: str, device: torch.device) -> nn.Module:
     """The reference or our encoder with the seeded weights, cast to bf16 for dtype ``bf16``, in eval mode."""
-    model = build_reference_encoder(config) if reference else sam2_fast.build_image_encoder(config)
+    # Our encoder's constructor initialises from the global RNG: in a fork of it, so that building leaves the
+    # caller's draws as they were (the values are replaced by the seeded state anyway).
+    with torch.random.fork_rng(devices=[]):
+        model = build_reference_encoder(config) if reference else sam2_fast.build_image_encoder(config)
     model.load_state_dict(seeded_state(config))
     return model.to(device=device, dtype=torch.bfloat16 if dtype == "bf16" else None).eval()
 
