@@ -23,15 +23,14 @@ import sam2_fast
 from sam2_fast import dense, ops, torch_ops
 from sam2_fast.reference import build_reference_encoder
 
-from helpers import seeded_state
+from helpers import (
+    FP32_GRADIENT_ERROR_FLOOR, FP32_GRADIENT_ERROR_RATIO, assert_clear_of_max_pool_ties, check_gradients,
+    recorded_max_pool_inputs, seeded_state,
+)
 
 CPU_BACKENDS = [b for b in ("torch", "extension") if ops._unavailable_reason("window_attention", b, "cpu") is None]
 LIBRARIES = ("onednn", "blas")
 
-# fp32: twice plain PyTorch's error against float64 (another summation order may round up to about as much again),
-# plus 1e-6 of the gradient's magnitude for gradients both sides get within a few ulps (the reference's error can
-# then be zero by chance).
-FP32_ERROR_RATIO, FP32_ERROR_FLOOR = 2.0, 1e-6
 # bf16 autocast: twice the reference's own bf16-autocast error, with a floor of 1% of the gradient's magnitude
 # (tests/test_training.py: gradients the reference happens to get almost exactly).
 BF16_ERROR_RATIO, BF16_ERROR_FLOOR = 2.0, 1e-2
@@ -90,25 +89,6 @@ def _cast_keep_layout(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return base.to(dtype).expand(grad.shape)
     out = torch.empty_strided(grad.shape, grad.stride(), dtype=dtype)
     return out.copy_(grad)
-
-
-def relative_error(actual: torch.Tensor, truth: torch.Tensor) -> float:
-    """max |actual - truth| / max |truth|; NaN or Inf in ``actual`` counts as infinitely far."""
-    if not torch.isfinite(actual).all():
-        return float("inf")
-    return ((actual.double() - truth).abs().max() / truth.abs().max().clamp_min(1e-300)).item()
-
-
-def check_against_truth(ours: dict, reference: dict, truth: dict, ratio: float, floor: float) -> None:
-    """Every gradient of ``ours`` within ``ratio`` x the reference's own error against the truth, plus ``floor``."""
-    failures = []
-    for name, true_grad in truth.items():
-        assert ours[name] is not None, f"{name}: no gradient"
-        assert ours[name].shape == true_grad.shape, f"{name}: shape {ours[name].shape} != {true_grad.shape}"
-        our_error, reference_error = relative_error(ours[name], true_grad), relative_error(reference[name], true_grad)
-        if not our_error <= ratio * reference_error + floor:
-            failures.append(f"{name}: {our_error:.3g} > {ratio} x reference's {reference_error:.3g} + {floor:g}")
-    assert not failures, f"{len(failures)} of {len(truth)} gradients too far from float64:\n  " + "\n  ".join(failures)
 
 
 @pytest.fixture
@@ -254,7 +234,7 @@ def _check_op(case: str, backend: str, batch: int, strided: bool, layout: str) -
 
     with sam2_fast.use_backend(backend):
         ours = _op_gradients(ours_fn, inputs32, grad32)
-    check_against_truth(ours, reference, truth, FP32_ERROR_RATIO, FP32_ERROR_FLOOR)
+    check_gradients(ours, reference, truth, FP32_GRADIENT_ERROR_RATIO, FP32_GRADIENT_ERROR_FLOOR)
 
 
 def _strided_view(t: torch.Tensor) -> torch.Tensor:
@@ -309,7 +289,7 @@ IMAGE_HW = (64, 96)
 
 
 def _image(batch: int, dtype=torch.float32) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(17)
+    generator = torch.Generator().manual_seed(22)  # clear of max-pool ties (see below); 17-21 are not
     return torch.randn(batch, 3, *IMAGE_HW, generator=generator, dtype=torch.float64).to(dtype)
 
 
@@ -399,6 +379,18 @@ def _encoder_truth(loss_name: str, batch: int) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
+def _assert_image_clear_of_max_pool_ties(batch: int) -> None:
+    """The image (seed 22) keeps every max-pool window's two largest values further apart than fp32 rounding can
+    move them, so that fp32 paths route each pooled gradient to the pixel the float64 truth does."""
+    pools = []
+    for dtype in (torch.float64, torch.float32):
+        with torch.no_grad(), recorded_max_pool_inputs(_reference_model(dtype)) as captured:
+            _reference_model(dtype)(_image(batch, dtype))
+        pools.append(captured)
+    assert_clear_of_max_pool_ties(pools[0], pools[1], "the seed of _image")
+
+
+@functools.lru_cache(maxsize=None)
 def _encoder_reference(loss_name: str, batch: int, autocast: bool) -> dict:
     return _encoder_gradients(_reference_model(torch.float32), loss_name, batch, autocast=autocast)
 
@@ -408,10 +400,11 @@ def _encoder_reference(loss_name: str, batch: int, autocast: bool) -> dict:
 @pytest.mark.parametrize("gemm_library", LIBRARIES, indirect=True)
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_encoder_gradients_for_every_loss_layout(backend, gemm_library, loss_name, batch):
+    _assert_image_clear_of_max_pool_ties(batch)
     with sam2_fast.use_backend(backend):
         ours = _encoder_gradients(_our_model(), loss_name, batch)
-    check_against_truth(ours, _encoder_reference(loss_name, batch, False), _encoder_truth(loss_name, batch),
-                        FP32_ERROR_RATIO, FP32_ERROR_FLOOR)
+    check_gradients(ours, _encoder_reference(loss_name, batch, False), _encoder_truth(loss_name, batch),
+                        FP32_GRADIENT_ERROR_RATIO, FP32_GRADIENT_ERROR_FLOOR)
 
 
 @pytest.mark.parametrize("num_threads", [1, 3])
@@ -419,17 +412,20 @@ def test_encoder_gradients_for_every_loss_layout(backend, gemm_library, loss_nam
 def test_encoder_pooled_loss_gradients_on_1_and_3_threads(backend, num_threads, threads):
     """The default GEMM library on other thread counts than the suite's (2 on these machines)."""
     threads(num_threads)
+    _assert_image_clear_of_max_pool_ties(1)
     with sam2_fast.use_backend(backend):
         ours = _encoder_gradients(_our_model(), "pooled", 1)
-    check_against_truth(ours, _encoder_reference("pooled", 1, False), _encoder_truth("pooled", 1),
-                        FP32_ERROR_RATIO, FP32_ERROR_FLOOR)
+    check_gradients(ours, _encoder_reference("pooled", 1, False), _encoder_truth("pooled", 1),
+                        FP32_GRADIENT_ERROR_RATIO, FP32_GRADIENT_ERROR_FLOOR)
 
 
 @pytest.mark.skipif("ATEN_CPU_CAPABILITY" in os.environ,
                     reason="ATen's CPU capability is capped: on AMX CPUs the reference's bf16 SDPA then raises")
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_encoder_pooled_loss_gradients_under_bf16_autocast(backend):
+    # No pool-margin check: bf16 rounding moves pooled values by more than many of their gaps, in the reference too;
+    # the criterion is tests/test_training.py's for bf16 autocast, relative to the reference's own bf16 error.
     with sam2_fast.use_backend(backend):
         ours = _encoder_gradients(_our_model(), "pooled", 1, autocast=True)
-    check_against_truth(ours, _encoder_reference("pooled", 1, True), _encoder_truth("pooled", 1),
+    check_gradients(ours, _encoder_reference("pooled", 1, True), _encoder_truth("pooled", 1),
                         BF16_ERROR_RATIO, BF16_ERROR_FLOOR)
