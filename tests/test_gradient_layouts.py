@@ -206,9 +206,17 @@ def _op_gradients(fn, inputs: dict, grad_out_of) -> dict:
     return dict(zip(leaves, grads))
 
 
-@functools.lru_cache(maxsize=None)
 def _op_truth_and_reference(case: str, batch: int, strided: bool, layout: str):
-    """(float64 truth, plain PyTorch's fp32 gradients fed the same values contiguous) of ``case``."""
+    """(float64 truth, plain PyTorch's fp32 gradients fed the same values contiguous) of ``case``, on the current
+    thread count."""
+    return _op_truth_and_reference_on(case, batch, strided, layout, torch.get_num_threads())
+
+
+# Keyed by the thread count too: ATen's own rounding depends on it (oneDNN's convolution sums a bias gradient in
+# other chains on 2 threads than on 1: 5.1e-6 against 1.0e-7 from float64 for a broadcast gradient), so the
+# yardstick is plain PyTorch on the threads ours runs on.
+@functools.lru_cache(maxsize=None)
+def _op_truth_and_reference_on(case: str, batch: int, strided: bool, layout: str, num_threads: int):
     _, truth_fn, _ = OP_CASES[case]
     inputs = _op_inputs(case, batch, strided)
 
@@ -390,8 +398,13 @@ def _assert_image_clear_of_max_pool_ties(batch: int) -> None:
     assert_clear_of_max_pool_ties(pools[0], pools[1], "the seed of _image")
 
 
-@functools.lru_cache(maxsize=None)
 def _encoder_reference(loss_name: str, batch: int, autocast: bool) -> dict:
+    """The reference's gradients on the current thread count (see _op_truth_and_reference)."""
+    return _encoder_reference_on(loss_name, batch, autocast, torch.get_num_threads())
+
+
+@functools.lru_cache(maxsize=None)
+def _encoder_reference_on(loss_name: str, batch: int, autocast: bool, num_threads: int) -> dict:
     return _encoder_gradients(_reference_model(torch.float32), loss_name, batch, autocast=autocast)
 
 
