@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
+import errno
 import functools
 import math
+import os
 from typing import Callable
 from unittest import mock
 
@@ -345,3 +348,16 @@ def brgemm_f32_usable() -> bool:
     from sam2_fast.precision import extension_flag
 
     return bool(extension_flag("brgemm_f32_usable"))
+
+
+def refuse_reads(monkeypatch, path) -> None:
+    """Make ``open(path)`` raise the OS's permission error for the rest of the test. Tests run as root, where
+    chmod 000 does not stop reads, so the refusal is simulated where the readers meet the OS."""
+    real_open = builtins.open
+
+    def refusing_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and os.fspath(file) == str(path):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)

@@ -1,9 +1,6 @@
 """Checkpoint loading: full SAM-2 checkpoints, bare state_dicts, safetensors, and the errors for bad ones: each
 names the file, says what is wrong and the likely fix, and is chained from the reader's own error."""
 
-import builtins
-import errno
-import os
 import pickle
 
 import numpy as np
@@ -15,7 +12,7 @@ from sam2_fast import CheckpointError, build_image_encoder, load_checkpoint
 from sam2_fast.checkpoint import CheckpointNotFoundError
 from sam2_fast.reference import build_reference_encoder
 
-from helpers import flat_outputs, randomize_
+from helpers import flat_outputs, randomize_, refuse_reads
 
 NAME = "sam2.1_hiera_tiny"
 
@@ -257,16 +254,8 @@ def test_bad_file_names_itself_the_problem_and_the_fix(tmp_path, case):
 
 
 def test_unreadable_file(tmp_path, monkeypatch):
-    # Tests run as root, where chmod 000 does not stop reads: the OS's refusal is what open() raises.
     path = _torch_file(tmp_path)
-    real_open = builtins.open
-
-    def refusing_open(file, *args, **kwargs):
-        if isinstance(file, (str, os.PathLike)) and os.fspath(file) == str(path):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
-        return real_open(file, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "open", refusing_open)
+    refuse_reads(monkeypatch, path)
     with pytest.raises(CheckpointError) as info:
         build_image_encoder(NAME, checkpoint=path)
     assert str(info.value) == (f"checkpoint {path}: permission denied: this user may not read it; check the file's "

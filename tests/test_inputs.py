@@ -1,10 +1,7 @@
 """Bad inputs raise errors that say what was expected and what came; image files come to RGB as SAM-2 brings them,
 and one that cannot be read raises an error naming it and the reason."""
 
-import builtins
-import errno
 import io
-import os
 
 import numpy as np
 import pytest
@@ -12,6 +9,8 @@ import torch
 
 from sam2_fast import build_image_encoder
 from sam2_fast.images import ImageError, read_rgb
+
+from helpers import refuse_reads
 
 try:
     from PIL import Image, ImageOps
@@ -231,16 +230,8 @@ def test_unreadable_image_names_itself_and_the_reason(tmp_path, case):
 
 @needs_pillow
 def test_image_without_read_permission(tmp_path, monkeypatch):
-    # Tests run as root, where chmod 000 does not stop reads: the OS's refusal is what open() raises.
     path = tmp_path / "private.png"
     path.write_bytes(_image_bytes("PNG"))
-    real_open = builtins.open
-
-    def refusing_open(file, *args, **kwargs):
-        if isinstance(file, (str, os.PathLike)) and os.fspath(file) == str(path):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
-        return real_open(file, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "open", refusing_open)
+    refuse_reads(monkeypatch, path)
     with pytest.raises(ImageError, match=f"^image {path}: permission denied: this user may not read it$"):
         read_rgb(str(path))
