@@ -153,10 +153,15 @@ def test_checked_operand_layouts():
     def checked(tensor, layout):
         return checked_operand("op", "x", tensor, ("B", "H", "W", "C"), (torch.float32,), layout, cpu)
 
-    dense = _map(2, 3, 4, 5, device="cpu")
+    generator = torch.Generator().manual_seed(0)
+
+    def values(*shape):  # the copies are compared with torch.equal: no uninitialised memory (it may hold NaN)
+        return torch.randn(shape, generator=generator)
+
+    dense = values(2, 3, 4, 5)
     transposed = dense.transpose(1, 2)
-    channels_first = _map(2, 5, 3, 4, device="cpu").permute(0, 2, 3, 1)
-    broadcast = _map(1, 3, 1, 5, device="cpu").expand(2, 3, 4, 5)
+    channels_first = values(2, 5, 3, 4).permute(0, 2, 3, 1)
+    broadcast = values(1, 3, 1, 5).expand(2, 3, 4, 5)
     for tensor in (dense, transposed, channels_first, broadcast):
         assert checked(tensor, "strided") is tensor
     for tensor in (dense, transposed, broadcast):
