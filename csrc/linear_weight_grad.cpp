@@ -5,13 +5,20 @@
 // overlap (row_major, tensor_args.h), else from a contiguous copy (a broadcast gradient with stride 0, a transposed
 // one). with_bias: whether to return db. Returns dW (N, K), contiguous, and db (N,) (shape (0,) without with_bias).
 //
-// The threads split the M rows into equal ranges. For each chunk of kRowChunk rows a thread transposes a block of
-// kOutBlock columns of grad at a time (in registers) and brgemm adds its product with the chunk of input into the
-// thread's partial dW, kColBlock columns at a time so that the operands stay in cache; the bias gradient sums the same
-// transposed rows in float64. The partials are then added in thread order, so the result depends on the thread count only.
-// Each output sums kRowChunk products in one chain, then the chunks: the rounding of a blocked sum. Used by
-// sam2_fast.cpu_gemm in training where oneDNN is the chosen fp32 library, only where brgemm_f32_usable(): against
-// the BLAS's mm and sum it took 1.0x-1.3x less time at the encoder's shapes on an AMD EPYC Zen 4, with less rounding.
+// The threads split the M rows into ranges of whole chains. For each chain of rows a thread transposes a block of
+// kOutBlock columns of grad at a time (in registers); brgemm sums its product with the chain's rows of input,
+// kColBlock columns at a time so that the operands stay in cache, straight into the thread's partial dW for the first
+// chain and into a scratch tile added to it for each later one; the bias gradient sums the same transposed rows in
+// float64. The partials are then added in thread order, so the result depends on the thread count only.
+// Rounding: each output is a two-level sum, `chain` products in one fp32 chain, then the chains. Its error grows with
+// the chain length plus the number of chains, least where the chain is about the square root of a thread's rows;
+// chain_rows picks that within 64 to 128 rows. One chain over all of a thread's rows (this kernel before) rounded
+// 7x worse on 4096 rows of positive products, and 3x worse than oneDNN's convolution backward (which sums each image
+// row first) for a 1x1 convolution's weight over 2 x 8 x 12 pixels. Chains of 32 rows cost up to 1.5x the time at
+// the encoder's small-M shapes (each chain is another brgemm call and tile add); 64-128 cost 1.0x-1.05x of one chain
+// at most shapes, the tiny encoder's fp32 training step 2.30 against 2.26 s (within its run-to-run spread; AMD EPYC
+// Zen 4, 2 threads). Used by sam2_fast.cpu_gemm in training where oneDNN is the chosen fp32 library, only where
+// brgemm_f32_usable().
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -20,8 +27,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <tuple>
+#include <vector>
 
 #include "brgemm_f32.h"
 #include "cpu_utils.h"
@@ -31,29 +40,58 @@
 namespace sam2_fast {
 namespace {
 
-constexpr int64_t kRowChunk = 128;  // rows of grad and input per product (the reduction depth of one brgemm call)
+constexpr int64_t kMaxChain = 128;  // most rows of grad and input per fp32 chain (the depth of one brgemm call)
+constexpr int64_t kMinChain = 64;   // fewest rows per chain (see the top of the file)
 constexpr int64_t kOutBlock = 64;   // dW rows per transposed block of grad
 constexpr int64_t kColBlock = 512;  // dW columns per brgemm call
 
-// Rows [0, rows) of grad and input into the partial dW (n, k; rows ld_partial apart) and the partial db (or null).
+// The rows of one fp32 chain for a thread that sums `rows` rows (see the top of the file).
+int64_t chain_rows(int64_t rows) {
+  const auto root = static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(rows))));
+  return std::clamp<int64_t>((root + 15) / 16 * 16, kMinChain, kMaxChain);
+}
+
+// tile (rows x cols, rows ld_tile apart) added into out (rows ld_out apart).
+inline void add_tile(const float* tile, int64_t ld_tile, int64_t rows, int64_t cols, float* out, int64_t ld_out) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* from = tile + i * ld_tile;
+    float* to = out + i * ld_out;
+    for (int64_t j = 0; j < cols; ++j) to[j] += from[j];
+  }
+}
+
+// Rows [0, rows) of grad and input, in chains of `chain` rows, into the partial dW (n, k; rows ld_partial apart) and
+// the partial db (or null). transposed: kOutBlock x kMaxChain floats; tile: kOutBlock x max_padded_stride(kColBlock).
 SAM2_FAST_MULTIVERSION
-void accumulate_rows(const float* grad, int64_t ld_grad, const float* input, int64_t ld_input, int64_t rows, int64_t n,
-                     int64_t k, float* partial, int64_t ld_partial, double* bias_partial, float* scratch) {
-  for (int64_t m0 = 0; m0 < rows; m0 += kRowChunk) {
-    const int64_t chunk = std::min(kRowChunk, rows - m0);
+void accumulate_rows(const float* grad, int64_t ld_grad, const float* input, int64_t ld_input, int64_t rows,
+                     int64_t chain, int64_t n, int64_t k, float* partial, int64_t ld_partial, double* bias_partial,
+                     float* transposed, float* tile) {
+  for (int64_t m0 = 0; m0 < rows; m0 += chain) {
+    const int64_t depth = std::min(chain, rows - m0);
     for (int64_t n0 = 0; n0 < n; n0 += kOutBlock) {
       const int64_t block = std::min(kOutBlock, n - n0);
-      transpose(grad + m0 * ld_grad + n0, chunk, block, ld_grad, scratch, kRowChunk);  // (block, chunk)
+      transpose(grad + m0 * ld_grad + n0, depth, block, ld_grad, transposed, kMaxChain);  // (block, depth)
       if (bias_partial != nullptr) {
         for (int64_t i = 0; i < block; ++i) {
           double sum = 0.0;
-          for (int64_t j = 0; j < chunk; ++j) sum += scratch[i * kRowChunk + j];
+          for (int64_t j = 0; j < depth; ++j) sum += transposed[i * kMaxChain + j];
           bias_partial[n0 + i] = m0 == 0 ? sum : bias_partial[n0 + i] + sum;
         }
       }
       for (int64_t k0 = 0; k0 < k; k0 += kColBlock) {
-        at::native::cpublas::brgemm(block, std::min(kColBlock, k - k0), chunk, kRowChunk, ld_input, ld_partial, m0 > 0,
-                                    scratch, input + m0 * ld_input + k0, partial + n0 * ld_partial + k0, false);
+        const int64_t cols = std::min(kColBlock, k - k0);
+        float* out = partial + n0 * ld_partial + k0;
+        if (m0 == 0) {
+          at::native::cpublas::brgemm(block, cols, depth, kMaxChain, ld_input, ld_partial, false, transposed,
+                                      input + m0 * ld_input + k0, out, false);
+        } else {
+          // The tile's rows as far apart as its columns need (padded off multiples of 256 floats, which map the
+          // rows onto few cache sets).
+          const int64_t ld_tile = padded_stride(cols);
+          at::native::cpublas::brgemm(block, cols, depth, kMaxChain, ld_input, ld_tile, false, transposed,
+                                      input + m0 * ld_input + k0, tile, false);
+          add_tile(tile, ld_tile, block, cols, out, ld_partial);
+        }
       }
     }
   }
@@ -72,11 +110,13 @@ std::tuple<at::Tensor, at::Tensor> linear_weight_grad_cpu(const at::Tensor& grad
   const RowMajor grad = row_major(grad_in), input = row_major(input_in);
   const int64_t rows = grad_in.size(0), n = grad_in.size(1), k = input_in.size(1);
   const int64_t ld_partial = padded_stride(k);
-  // Ranges of whole chunks, at most one per thread.
-  const int64_t chunks = (rows + kRowChunk - 1) / kRowChunk;
-  const int64_t ranges = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), chunks));
+  // Ranges of whole chains, at most one per thread.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t chain = chain_rows((rows + threads - 1) / threads);
+  const int64_t chains = (rows + chain - 1) / chain;
+  const int64_t ranges = std::max<int64_t>(1, std::min<int64_t>(threads, chains));
   at::Tensor partials = at::empty({ranges, n, ld_partial}, grad_in.options());
-  // The bias gradient sums M rows: in float64, since in fp32 its chains (kRowChunk rows, then the chunks) rounded
+  // The bias gradient sums M rows: in float64, since in fp32 its chains (then the chains' sums) rounded
   // up to 8x ATen's cascade sum for a gradient whose rows agree in sign (a loss broadcast over the pixels).
   at::Tensor bias_partials = at::empty({ranges, with_bias ? n : 0}, grad_in.options().dtype(at::kDouble));
   if (rows == 0) {
@@ -89,13 +129,13 @@ std::tuple<at::Tensor, at::Tensor> linear_weight_grad_cpu(const at::Tensor& grad
   double* bias_data = with_bias ? bias_partials.mutable_data_ptr<double>() : nullptr;
   const int64_t ld_grad = grad.ld, ld_input = input.ld;
   at::parallel_for(0, ranges, 1, [&](int64_t first, int64_t last) {
-    std::vector<float> scratch(kOutBlock * kRowChunk);
+    std::vector<float> transposed(kOutBlock * kMaxChain), tile(kOutBlock * max_padded_stride(kColBlock));
     for (int64_t r = first; r < last; ++r) {
-      const int64_t begin = chunks * r / ranges * kRowChunk;
-      const int64_t end = std::min(rows, chunks * (r + 1) / ranges * kRowChunk);
-      accumulate_rows(grad_data + begin * ld_grad, ld_grad, input_data + begin * ld_input, ld_input, end - begin, n, k,
-                      partial_data + r * n * ld_partial, ld_partial, bias_data == nullptr ? nullptr : bias_data + r * n,
-                      scratch.data());
+      const int64_t begin = chains * r / ranges * chain;
+      const int64_t end = std::min(rows, chains * (r + 1) / ranges * chain);
+      accumulate_rows(grad_data + begin * ld_grad, ld_grad, input_data + begin * ld_input, ld_input, end - begin, chain,
+                      n, k, partial_data + r * n * ld_partial, ld_partial,
+                      bias_data == nullptr ? nullptr : bias_data + r * n, transposed.data(), tile.data());
     }
   });
   at::Tensor weight_grad = (ranges == 1 ? partials[0] : partials.sum(0)).narrow(1, 0, k).contiguous();

@@ -55,3 +55,11 @@ def library():
     before = cpu_gemm.get_fp32_library_setting()
     yield cpu_gemm.set_fp32_library
     cpu_gemm.set_fp32_library(before)
+
+
+@pytest.fixture
+def threads():
+    """Set torch's CPU thread count for one test, restoring it after."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import sam2_fast
 from sam2_fast import cpu_gemm, dense
 
-from helpers import assert_close_verbose, brgemm_f32_usable, encoder_pair, flat_outputs
+from helpers import assert_close_verbose, brgemm_f32_usable, encoder_pair, flat_outputs, relative_error
 
 needs_onednn = pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="torch has no oneDNN here")
 
@@ -214,7 +214,7 @@ needs_brgemm = pytest.mark.skipif(
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_linear_weight_grad_kernel_matches_float64(shape, with_bias, threads):
-    # Row chunks of 128, output blocks of 64 and column blocks of 512 with remainders; strided rows.
+    # Chains of 64-128 rows, output blocks of 64 and column blocks of 512 with remainders; strided rows.
     rows, in_features, out_features = shape
     generator = torch.Generator().manual_seed(6)
     grad = torch.randn(rows, out_features + 5, generator=generator)[:, :out_features]
@@ -233,6 +233,36 @@ def test_linear_weight_grad_kernel_matches_float64(shape, with_bias, threads):
         assert_close_verbose(bias_grad, grad.double().sum(0).float(), atol=2e-5 * max(rows, 1) ** 0.5, name="bias")
     else:
         assert bias_grad.shape == (0,)
+
+
+def _fp32_two_level_sum(grad: torch.Tensor, x: torch.Tensor, chain: int) -> torch.Tensor:
+    """grad^T x as fp32 fused multiply-adds in chains of `chain` rows, each chain's sum then added to the total in
+    fp32 (a product of two fp32 numbers is exact in float64, so float64 then rounding is one fused multiply-add)."""
+    total = None
+    for start in range(0, grad.shape[0], chain):
+        acc = torch.zeros(grad.shape[1], x.shape[1], dtype=torch.float64)
+        for row in range(start, min(grad.shape[0], start + chain)):
+            acc = (acc + torch.outer(grad[row].double(), x[row].double())).float().double()
+        total = acc.float() if total is None else (total.double() + acc).float()
+    return total
+
+
+@needs_brgemm
+def test_linear_weight_grad_rounds_as_a_two_level_sum(threads):
+    # Positive operands, where rounding errors of a long fp32 chain add up instead of cancelling (a gradient whose
+    # rows agree in sign meets the same). On one thread the kernel sums 4096 rows in chains of sqrt(4096) = 64 rows, then
+    # the chains: its error is that of such a two-level sum (the emulation), 7x below one chain over all the rows on
+    # these operands; 1.5x leaves room for another micro-kernel's order within a chain.
+    threads(1)
+    generator = torch.Generator().manual_seed(3)
+    grad, x = torch.rand(4096, 16, generator=generator), torch.rand(4096, 16, generator=generator)
+    exact = grad.double().t() @ x.double()
+    weight_grad, _ = torch.ops.sam2_fast_ext.linear_weight_grad(grad, x, False)
+    error, two_level, one_chain = (relative_error(a, exact) for a in (
+        weight_grad, _fp32_two_level_sum(grad, x, 64), _fp32_two_level_sum(grad, x, 4096)))
+    print(f"error {error:.3g}; fp32 chains of 64 then their sum {two_level:.3g}; one chain {one_chain:.3g}")
+    assert one_chain > 4 * two_level, "the operands no longer tell a two-level sum from one chain"
+    assert error <= 1.5 * two_level
 
 
 @needs_brgemm

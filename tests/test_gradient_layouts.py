@@ -102,14 +102,6 @@ def gemm_library(request):
     cpu_gemm.set_fp32_library(before)
 
 
-@pytest.fixture
-def threads():
-    """Set torch's CPU thread count for one test, restoring it after."""
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Ops. Each case: (name, the call through sam2_fast, the plain-PyTorch truth, input shapes, which inputs take a
 # gradient). Inputs are non-contiguous views of larger tensors where ``strided_inputs``.
