@@ -23,8 +23,8 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) -m sam2_fast.cli info
-	$(PY) -m sam2_fast.cli encode --size 512 --compare-reference
+	$(PY) -m sam2_fast info
+	$(PY) -m sam2_fast encode --size 512 --compare-reference
 	$(PY) -m bench.report
 
 # Every step runs even when an earlier one fails, so one red test never hides another; the summary at the end lists

@@ -13,7 +13,7 @@ import os
 import sys
 import warnings
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUILD_EXT = os.environ.get("SAM2_FAST_BUILD_EXT", "1") != "0"
@@ -78,9 +78,9 @@ def extension_build():
 ext_modules, cmdclass = extension_build()
 
 setup(
-    packages=["sam2_fast", "sam2_fast.kernels", "sam2_fast.sam2_configs"],
+    packages=[*find_packages(include=["sam2_fast", "sam2_fast.*"]), "sam2_fast.kernels"],
     package_dir={"sam2_fast": "sam2_fast", "sam2_fast.kernels": "kernels"},
-    package_data={"sam2_fast.sam2_configs": ["*/*.yaml"]},
+    package_data={"sam2_fast.io.sam2_configs": ["*/*.yaml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -32,9 +32,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from sam2_fast import embed
-from sam2_fast.images import model_input
-from sam2_fast.reference import build_reference_encoder
+from sam2_fast.apps import embed
+from sam2_fast.io.images import model_input
+from sam2_fast.testing.reference import build_reference_encoder
 
 from .measure import device_slug, environment, summarize, synchronize, utc_now
 from .workloads import REPO_ROOT

@@ -17,8 +17,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from sam2_fast.cpu_gemm import fp32_library as cpu_fp32_gemm
-from sam2_fast.precision import brgemm_attention_backward, cpu_units, cpu_units_label, extension_bf16_attention
+from sam2_fast.gemm.cpu_gemm import fp32_library as cpu_fp32_gemm
+from sam2_fast.backends.precision import brgemm_attention_backward, cpu_units, cpu_units_label, extension_bf16_attention
 
 from .workloads import REPO_ROOT
 

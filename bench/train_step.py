@@ -50,7 +50,7 @@ def build_step(config: str, impl: str, dtype: str, image: torch.Tensor) -> Calla
 
 
 def peak_bytes(step: Callable[[], None], device: torch.device) -> int:
-    from bench.tensor_memory import peak_tensor_bytes
+    from sam2_fast.testing.tensor_memory import peak_tensor_bytes
 
     if device.type != "cuda":
         return peak_tensor_bytes(step)[0]

@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from sam2_fast import op_shapes, torch_ops
+from sam2_fast.backends import shapes as op_shapes, torch_ops
 from sam2_fast.kernels.window_attention import LaunchConfig
 
 from .workloads import relative_error

@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import functools
 import os
-import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -21,8 +20,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sam2_fast
-from sam2_fast import op_shapes, ops, torch_ops
-from sam2_fast.reference import build_reference_encoder
+from sam2_fast.backends import shapes as op_shapes, torch_ops
+from sam2_fast import ops
+from sam2_fast.testing.reference import build_reference_encoder
+from sam2_fast.testing.weights import seeded_state as _seeded_state
 
 from .matrix import Impl
 
@@ -32,11 +33,7 @@ OP_INPUT_SEED = 4321
 
 
 def seeded_state(config: str) -> Dict[str, torch.Tensor]:
-    """The seeded fp32 state_dict the parity tests use (tests/helpers.py), loaded into every encoder."""
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
-    from tests.helpers import seeded_state as _seeded_state
-
+    """The seeded fp32 state_dict the parity tests use (sam2_fast.testing.weights), loaded into every encoder."""
     return _seeded_state(sam2_fast.get_config(config).name)
 
 

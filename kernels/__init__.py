@@ -2,7 +2,7 @@
 ``@triton.jit`` kernel(s) and a launcher that checks its inputs and picks the grid.
 
 Only the op layer (``sam2_fast.ops``) imports this package. ``KERNEL_LAUNCHERS`` maps an op name to its launcher,
-which takes the same arguments as the op's torch implementation in ``sam2_fast.torch_ops``; ``BACKWARD_LAUNCHERS``
+which takes the same arguments as the op's torch implementation in ``sam2_fast.backends.torch_ops``; ``BACKWARD_LAUNCHERS``
 maps it to the launcher of its backward (attention: one for window and global attention, window_size 0 global).
 """
 

@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..op_shapes import queries_per_window
-from ..torch_ops import add_qkv_bias
+from ..backends.shapes import queries_per_window
+from ..backends.torch_ops import add_qkv_bias
 from .launch import checked_operand, launchable
 from .window_attention import (
     _LOG2_E, LaunchConfig, _head_fills, _head_pointers, _load_query_rows, _load_token_rows, check_qkv, check_qkv_bias,
@@ -318,7 +318,7 @@ def attention_backward(
 def _attention_shapes() -> Iterator[Tuple[int, bool, int]]:
     """(window_size, q_pool, head_dim) of every attention block of the eight configs: windowed ones, and the
     global blocks (window_size 0; they never pool q)."""
-    from sam2_fast.configs import CONFIGS
+    from sam2_fast.io.configs import CONFIGS
 
     from .window_attention import _windowed_attention_shapes
 

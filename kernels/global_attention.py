@@ -78,7 +78,7 @@ def _global_blocks(head_dim: int, dtype: torch.dtype) -> LaunchConfig:
 def global_attention(
     qkv: torch.Tensor, num_heads: int, q_pool: bool, config: Optional[LaunchConfig] = None,
 ) -> torch.Tensor:
-    """Triton launcher of ``sam2_fast.torch_ops.global_attention``: same arguments, same (B, H', W', dim) result.
+    """Triton launcher of ``sam2_fast.backends.torch_ops.global_attention``: same arguments, same (B, H', W', dim) result.
     ``config`` overrides the launch config (for tuning)."""
     qkv, head_dim = check_qkv(qkv, num_heads, "global_attention")
     batch, height, width, channels3 = qkv.shape
@@ -109,7 +109,7 @@ def aot_variants() -> Iterator[Tuple[str, object, dict, dict, dict]]:
     The eight configs' global blocks never pool q and have head dims 96 (tiny, small), 56 (base_plus) and 72
     (large) at every input size, 1024x1024 included; each in fp16, bf16 and fp32, duplicates yielded once.
     """
-    from sam2_fast.configs import CONFIGS
+    from sam2_fast.io.configs import CONFIGS
 
     head_dims = sorted({config.embed_dim // config.num_heads for config in CONFIGS.values() if config.global_att_blocks})
     for head_dim in head_dims:

@@ -108,7 +108,7 @@ def aot_variants() -> Iterator[Tuple[str, object, dict, dict, int]]:
     Covers every stage width (C, 2C, 4C, 8C) of every config in fp32, bf16 and fp16, on a channels-last map with
     channel stride 1 (which the JIT turns into a constexpr, as here) and 32-bit sizes and strides.
     """
-    from sam2_fast.configs import CONFIGS
+    from sam2_fast.io.configs import CONFIGS
 
     channel_counts = sorted({cfg.embed_dim * 2**stage for cfg in CONFIGS.values() for stage in range(len(cfg.stages))})
     block_sizes = sorted({_block_sizes(channels) for channels in channel_counts})

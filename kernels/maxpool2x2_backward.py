@@ -77,7 +77,7 @@ def maxpool2x2_backward(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor
 def aot_variants() -> Iterator[Tuple[str, object, dict, dict, dict]]:
     """(name, kernel, signature, constexprs, launch options) for every stage width of the configs in fp32, bf16 and
     fp16, on a channels-last map with channel stride 1 (a JIT constexpr, as here)."""
-    from sam2_fast.configs import CONFIGS
+    from sam2_fast.io.configs import CONFIGS
 
     channel_counts = sorted({cfg.embed_dim * 2**stage for cfg in CONFIGS.values() for stage in range(len(cfg.stages))})
     for type_name in TRITON_DTYPES.values():

@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..op_shapes import queries_per_window
-from ..torch_ops import add_qkv_bias
+from ..backends.shapes import queries_per_window
+from ..backends.torch_ops import add_qkv_bias
 from .launch import TRITON_DTYPES, checked_operand, launchable
 
 _LOG2_E = 1.4426950408889634
@@ -282,7 +282,7 @@ def window_attention(
     qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], num_heads: int, window_size: int, q_pool: bool,
     add_bias: bool = False, config: Optional[LaunchConfig] = None,
 ) -> torch.Tensor:
-    """Triton launcher of ``sam2_fast.torch_ops.window_attention``: same arguments, same (B, H', W', dim) result.
+    """Triton launcher of ``sam2_fast.backends.torch_ops.window_attention``: same arguments, same (B, H', W', dim) result.
 
     ``add_bias`` adds the bias in a separate pass before the kernel: on GPU the qkv GEMM adds its bias in its
     epilogue for free, so the model never asks for it there. ``config`` overrides the launch config (for tuning).
@@ -321,7 +321,7 @@ def window_attention(
 
 def _windowed_attention_shapes() -> Iterator[Tuple[int, bool, int]]:
     """(window_size, q_pool, head_dim) of every windowed attention block of the eight configs (any input size)."""
-    from sam2_fast.configs import CONFIGS
+    from sam2_fast.io.configs import CONFIGS
 
     for config in CONFIGS.values():
         head_dim = config.embed_dim // config.num_heads  # constant across stages: dim and heads double together

@@ -7,23 +7,23 @@
 
 import importlib.util
 
-from . import sam2_configs
-from .build import build_image_encoder
-from .capture import CudaGraphImageEncoder, capture_cuda_graphs
-from .checkpoint import CheckpointError, CheckpointNotFoundError, load_checkpoint
-from .cpu_gemm import fp32_library as cpu_fp32_gemm, set_fp32_library as set_cpu_fp32_gemm
-from .configs import CONFIGS, DEFAULT_CONFIG, EncoderConfig, get_config
-from .drop_in import OptimizedImageEncoder, optimize
-from .export import ExportedEncoder, export_encoder, load_exported
-from .hiera import Hiera, MultiScaleAttention, MultiScaleBlock, set_activation_checkpointing
-from .image_encoder import FpnNeck, ImageEncoder
-from .images import ImageError
+from ._version import __version__
+from .deploy.capture import CudaGraphImageEncoder, capture_cuda_graphs
+from .deploy.drop_in import OptimizedImageEncoder, optimize
+from .deploy.export import ExportedEncoder, export_encoder, load_exported
+from .gemm.cpu_gemm import fp32_library as cpu_fp32_gemm, set_fp32_library as set_cpu_fp32_gemm
+from .io import sam2_configs
+from .io.checkpoint import CheckpointError, CheckpointNotFoundError, load_checkpoint
+from .io.configs import CONFIGS, DEFAULT_CONFIG, EncoderConfig, get_config
+from .io.images import ImageError
+from .model.build import build_image_encoder
+from .model.hiera import Hiera, MultiScaleAttention, MultiScaleBlock, set_activation_checkpointing
+from .model.image_encoder import FpnNeck, ImageEncoder
+from .model.position_encoding import PositionEmbeddingSine
 from .ops import (
     BackendUnavailableError, active_backends, active_backward, backend_status, get_backend, set_backend, use_backend,
 )
-from .position_encoding import PositionEmbeddingSine
 
-__version__ = "0.1.0"
 
 # sam2 builds its models through hydra: register our configs wherever hydra is installed, so that
 # build_sam2("sam2_fast/sam2.1/sam2.1_hiera_b+.yaml", ...) finds them.

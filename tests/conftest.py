@@ -49,8 +49,8 @@ def _global_rng_reset():
 
 @pytest.fixture
 def library():
-    """Set the eager fp32 CPU GEMM library (sam2_fast.cpu_gemm) for one test, restoring the setting after it."""
-    from sam2_fast import cpu_gemm
+    """Set the eager fp32 CPU GEMM library (sam2_fast.gemm.cpu_gemm) for one test, restoring the setting after it."""
+    from sam2_fast.gemm import cpu_gemm
 
     before = cpu_gemm.get_fp32_library_setting()
     yield cpu_gemm.set_fp32_library

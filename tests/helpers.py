@@ -6,7 +6,6 @@ import builtins
 import contextlib
 import errno
 import functools
-import math
 import os
 from typing import Callable
 from unittest import mock
@@ -15,48 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import sam2_fast
-from sam2_fast.reference import build_reference_encoder
-
-
-def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Seeded weights that exercise everything: non-zero positional embeddings, norms and (qkv) biases.
-
-    Default inits leave the positional embeddings at zero and the norms at identity, which would hide bugs in
-    the positional-embedding path and in how padded tokens (whose q, k, v equal the qkv bias) are treated.
-    The weights are a function of the parameters' names and shapes and of ``seed`` alone: the module's own values
-    (drawn from the global RNG when it was built) are not read. A weight gets the spread of PyTorch's default
-    Linear/Conv initialisation, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), computed instead of measured.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if "pos_embed" in name:
-                param.copy_(0.5 * noise)
-            elif "norm" in name and name.endswith("weight"):
-                param.copy_(1 + 0.1 * noise)
-            elif name.endswith("bias"):
-                param.copy_(0.1 * noise)
-            else:
-                fan_in = param[0].numel()
-                param.copy_(noise / math.sqrt(3 * fan_in))
-    return module
-
-
-@contextlib.contextmanager
-def global_rng_seeded(seed: int):
-    """The global CPU RNG seeded with ``seed`` inside the block and restored after it, for what can only draw from
-    it (module initialisation, stochastic depth's masks): those draws are then a function of ``seed`` alone."""
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
-        yield
-
-
-@functools.lru_cache(maxsize=4)
-def seeded_state(name: str, seed: int = 0):
-    """A seeded fp32 state_dict for config ``name``, made by the reference encoder itself: a function of
-    (name, seed) whatever ran before, so a cache miss rebuilds the same weights."""
-    return randomize_(build_reference_encoder(name), seed).state_dict()
+from sam2_fast.testing.reference import build_reference_encoder
+from sam2_fast.testing.weights import global_rng_seeded, randomize_, seeded_state  # noqa: F401 (tests import them from here)
 
 
 @functools.lru_cache(maxsize=2)
@@ -336,7 +295,7 @@ def _sdpa_rounded_like_a_kernel(dtype: torch.dtype) -> Callable:
 
 
 def emulated_low_precision_attention(attention_fn: Callable, qkv: torch.Tensor, *args) -> torch.Tensor:
-    """``attention_fn(qkv, *args)`` (a :mod:`sam2_fast.torch_ops` attention) on a bf16/fp16 ``qkv`` with its SDPA
+    """``attention_fn(qkv, *args)`` (a :mod:`sam2_fast.backends.torch_ops` attention) on a bf16/fp16 ``qkv`` with its SDPA
     replaced by the emulation of a kernel in that dtype (see above); partition, padding and pooling are exact."""
     assert qkv.dtype in (torch.bfloat16, torch.float16), f"expected a bf16/fp16 qkv, got {qkv.dtype}"
     with mock.patch.object(F, "scaled_dot_product_attention", _sdpa_rounded_like_a_kernel(qkv.dtype)):
@@ -367,7 +326,7 @@ def assert_low_precision_attention_error(name: str, actual: torch.Tensor, emulat
 
 def brgemm_f32_usable() -> bool:
     """Whether the C++ extension is loaded and ATen's fp32 brgemm works on this CPU (oneDNN's micro-kernels)."""
-    from sam2_fast.precision import extension_flag
+    from sam2_fast.backends.precision import extension_flag
 
     return bool(extension_flag("brgemm_f32_usable"))
 

@@ -13,8 +13,9 @@ from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
 import sam2_fast
-from sam2_fast import _extension, ops, torch_ops
-from sam2_fast.reference import build_reference_encoder
+from sam2_fast.backends import extension as _extension, torch_ops
+from sam2_fast import ops
+from sam2_fast.testing.reference import build_reference_encoder
 
 from helpers import (
     assert_clear_of_max_pool_ties, assert_close_verbose, assert_max_pool_gaps_exceed, brgemm_f32_usable,
@@ -268,7 +269,7 @@ def test_global_attention_backward_products_agree(shape, dtype):
 @pytest.mark.skipif(_extension.load_error() is not None, reason="the C++ extension is not built")
 def test_brgemm_product_choice():
     from sam2_fast import _C
-    from sam2_fast.precision import brgemm_attention_backward
+    from sam2_fast.backends.precision import brgemm_attention_backward
 
     assert _C.brgemm_attention_backward() == _C.brgemm_f32_usable() == brgemm_attention_backward()
     _C.set_brgemm_attention_backward(False)

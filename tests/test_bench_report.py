@@ -198,7 +198,7 @@ def test_cuda_profile_idle_time_is_wall_less_kernels():
 def test_cpu_results_name_the_cpu_and_its_units():
     # Machines of one model name differ in their bf16 units (an AVX2-only and an AVX512-BF16 AMD EPYC): the file
     # name and the header say which one measured.
-    from sam2_fast import precision
+    from sam2_fast.backends import precision
 
     cpu = torch.device("cpu")
     meta = environment(cpu)

@@ -8,7 +8,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is a package at the repo root
 
 from bench import train_step  # noqa: E402
-from bench.tensor_memory import peak_tensor_bytes  # noqa: E402
+from sam2_fast.testing.tensor_memory import peak_tensor_bytes  # noqa: E402
 
 MIB = 2**20
 

@@ -1,11 +1,11 @@
-"""The positional embedding's bicubic resize as matrix products (sam2_fast.bicubic) against ATen's
+"""The positional embedding's bicubic resize as matrix products (sam2_fast.model.bicubic) against ATen's
 ``F.interpolate(..., mode="bicubic")``, and where the trunk uses it."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from sam2_fast import bicubic
+from sam2_fast.model import bicubic
 
 from helpers import assert_close_verbose, encoder_pair
 

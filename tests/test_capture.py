@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import sam2_fast
-from sam2_fast.capture import CudaGraphImageEncoder
-from sam2_fast.reference import build_reference_encoder
+from sam2_fast.deploy.capture import CudaGraphImageEncoder
+from sam2_fast.testing.reference import build_reference_encoder
 
 from helpers import FP32_RELATIVE_TOLERANCE, assert_close_verbose, flat_outputs, seeded_state
 

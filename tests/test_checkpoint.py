@@ -9,8 +9,8 @@ import torch
 
 import sam2_fast
 from sam2_fast import CheckpointError, build_image_encoder, load_checkpoint
-from sam2_fast.checkpoint import CheckpointNotFoundError
-from sam2_fast.reference import build_reference_encoder
+from sam2_fast.io.checkpoint import CheckpointNotFoundError
+from sam2_fast.testing.reference import build_reference_encoder
 
 from helpers import flat_outputs, randomize_, refuse_reads
 
@@ -136,7 +136,7 @@ def test_checkpoint_with_code_is_refused(tmp_path):
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(build_image_encoder(NAME), path)
     assert str(info.value).startswith(f"checkpoint {path}: torch.load(weights_only=True) refused it: it holds Python "
-                                      "objects besides tensors (Unsupported global: GLOBAL sam2_fast.build.")
+                                      "objects besides tensors (Unsupported global: GLOBAL sam2_fast.model.build.")
     assert str(info.value).endswith("save the weights alone: torch.save(model.state_dict(), path)")
     assert isinstance(info.value.__cause__, pickle.UnpicklingError)
 

@@ -10,9 +10,9 @@ import torch
 
 import sam2_fast
 from sam2_fast import CheckpointError, build_image_encoder, load_checkpoint
-from sam2_fast.checkpoint_formats import FORMATS
-from sam2_fast.configs import get_config
-from sam2_fast.reference import build_reference_encoder
+from sam2_fast.io.checkpoint_formats import FORMATS
+from sam2_fast.io.configs import get_config
+from sam2_fast.testing.reference import build_reference_encoder
 
 from helpers import FP32_RELATIVE_TOLERANCE, assert_close_verbose, flat_outputs, randomize_
 

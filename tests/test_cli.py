@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from sam2_fast import cli
+from sam2_fast.apps import cli
 
 
 def test_info_lists_every_backend(capsys):
@@ -147,7 +147,7 @@ def test_debug_shows_the_traceback_and_the_cause(tmp_path, capsys):
     assert err.splitlines()[-1] == f"sam2-fast encode: error: image {bad}: " + BAD_IMAGE_REASONS["text-named-png"]
 
 
-@pytest.mark.parametrize("module,command", [("sam2_fast.cli", "encode"), ("sam2_fast.embed", "embed")])
+@pytest.mark.parametrize("module,command", [("sam2_fast", "encode"), ("sam2_fast.embed", "embed")])
 def test_process_exit_status_is_2(tmp_path, module, command):
     # The real process: what a shell sees from the console script's main (python -m sam2_fast.embed is embed's).
     image, checkpoint = tmp_path / "a.jpg", _text_checkpoint(tmp_path)

@@ -1,4 +1,4 @@
-"""Eager fp32 CPU GEMMs on oneDNN (sam2_fast.cpu_gemm): the choice of library, the numbers and gradients of each
+"""Eager fp32 CPU GEMMs on oneDNN (sam2_fast.gemm.cpu_gemm): the choice of library, the numbers and gradients of each
 GEMM form against ATen's, which calls take the path, and the whole encoder on either library.
 
 Every test that runs oneDNN forces it, so it is checked on every CPU, also where ``auto`` keeps the BLAS.
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import sam2_fast
-from sam2_fast import cpu_gemm, dense
+from sam2_fast.gemm import cpu_gemm, dense
 
 from helpers import assert_close_verbose, brgemm_f32_usable, encoder_pair, flat_outputs, relative_error
 

@@ -1,4 +1,4 @@
-"""The encoder's GEMM helpers (sam2_fast.dense) and the banded CPU block: same numbers as the plain sequence."""
+"""The encoder's GEMM helpers (sam2_fast.gemm.dense) and the banded CPU block: same numbers as the plain sequence."""
 
 import copy
 
@@ -7,8 +7,10 @@ import torch
 import torch.nn.functional as F
 
 import sam2_fast
-from sam2_fast import dense, hiera, ops
-from sam2_fast.precision import CPU_NATIVE_LOW_PRECISION
+from sam2_fast.gemm import dense
+from sam2_fast.model import hiera
+from sam2_fast import ops
+from sam2_fast.backends.precision import CPU_NATIVE_LOW_PRECISION
 
 from helpers import assert_clear_of_max_pool_ties, assert_close_verbose, encoder_pair, flat_outputs, global_rng_seeded
 
@@ -73,7 +75,7 @@ def test_linear_gelu_hands_the_bias_to_a_fused_gelu_in_fp32_only(monkeypatch, ba
     # fp32 on the BLAS: the GEMM leaves out its bias and the fused kernel adds it. Under bf16 autocast the GEMM's
     # output is rounded to bf16, so adding the bias afterwards would round twice: the GEMM keeps it and torch's GELU
     # runs. (fp32 GEMMs on oneDNN take the GELU as a post-op instead: tests/test_cpu_gemm.py.)
-    monkeypatch.setattr(sam2_fast.cpu_gemm, "_setting", "blas")
+    monkeypatch.setattr(sam2_fast.gemm.cpu_gemm, "_setting", "blas")
     calls = []
     bias_gelu_ = ops.bias_gelu_
 
@@ -128,7 +130,7 @@ def test_conv2d_matches_torch(layout, kernel, stride, padding):
 
 @pytest.mark.parametrize("precision", ["fp32-blas", "bf16-autocast"])
 def test_pointwise_conv_in_cpu_training_is_a_convolution_unless_fp32_gemms_are_ours(library, monkeypatch, precision):
-    # Where sam2_fast.cpu_gemm does not take the GEMM (the BLAS chosen, autocast), a 1x1 convolution that needs
+    # Where sam2_fast.gemm.cpu_gemm does not take the GEMM (the BLAS chosen, autocast), a 1x1 convolution that needs
     # gradients runs as ATen's convolution, which reads an NCHW loss's gradient as it lies; without gradients it
     # stays a GEMM over the pixels.
     generator = torch.Generator().manual_seed(5)
@@ -218,7 +220,7 @@ def test_bf16_inference_gemms_run_on_prepacked_weights(monkeypatch):
 @needs_bf16_units
 def test_prepacked_weights_follow_in_place_updates_and_moves():
     x, weight, bias, _ = (t.bfloat16() for t in _operands())
-    layer = sam2_fast.layers.Linear(24, 40).bfloat16()
+    layer = sam2_fast.model.layers.Linear(24, 40).bfloat16()
     with torch.no_grad():
         layer.weight.copy_(weight)
         layer.bias.copy_(bias)

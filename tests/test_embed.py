@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import sam2_fast
-from sam2_fast import cli, embed
-from sam2_fast.images import model_input
+from sam2_fast.apps import cli, embed
+from sam2_fast.io.images import model_input
 
 from helpers import FP32_RELATIVE_TOLERANCE, assert_close_verbose, seeded_state
 

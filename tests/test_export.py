@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import sam2_fast
-from sam2_fast import FpnNeck, Hiera, ImageEncoder, PositionEmbeddingSine, _extension
+from sam2_fast import FpnNeck, Hiera, ImageEncoder, PositionEmbeddingSine
+from sam2_fast.backends import extension as _extension
 
 from helpers import FP32_RELATIVE_TOLERANCE, assert_close_verbose, flat_outputs, randomize_
 

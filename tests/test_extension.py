@@ -1,4 +1,4 @@
-"""The C++/CUDA extension sam2_fast._C (ops torch.ops.sam2_fast_ext.*) against sam2_fast.torch_ops.
+"""The C++/CUDA extension sam2_fast._C (ops torch.ops.sam2_fast_ext.*) against sam2_fast.backends.torch_ops.
 
 Skipped, with the reason, when the extension is not built. Every op passes torch.library.opcheck (schema, fake
 implementation, dynamic-shape tracing) and matches the torch implementation on odd shapes: odd channel counts,
@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 import sam2_fast
-from sam2_fast import _extension, ops, torch_ops
+from sam2_fast.backends import extension as _extension, torch_ops
+from sam2_fast import ops
 
 from helpers import (
     assert_close_verbose,
@@ -821,7 +822,7 @@ def test_op_layer_add_bias_on_every_cpu_backend(backend):
 def test_windowed_block_hands_the_qkv_bias_to_the_extension_in_fp32_only(monkeypatch, autocast):
     # fp32: the qkv GEMM leaves out its bias and the attention op adds it. Under bf16 autocast the GEMM's output is
     # rounded to bf16, so adding the bias afterwards would round twice: the GEMM keeps it.
-    from sam2_fast.hiera import MultiScaleAttention
+    from sam2_fast.model.hiera import MultiScaleAttention
 
     calls = []
     window_attention = ops.window_attention

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import sam2_fast
-from sam2_fast import _extension, ops
-from sam2_fast.configs import CONFIGS
+from sam2_fast.backends import extension as _extension
+from sam2_fast import ops
+from sam2_fast.io.configs import CONFIGS
 
 from helpers import (
     check_fp32_outputs, check_low_precision_outputs, encoder_pair, flat_outputs, max_abs_error, run_encoder,

@@ -20,8 +20,10 @@ import pytest
 import torch
 
 import sam2_fast
-from sam2_fast import dense, ops, torch_ops
-from sam2_fast.reference import build_reference_encoder
+from sam2_fast.gemm import dense
+from sam2_fast import ops
+from sam2_fast.backends import torch_ops
+from sam2_fast.testing.reference import build_reference_encoder
 
 from helpers import (
     FP32_GRADIENT_ERROR_FLOOR, FP32_GRADIENT_ERROR_RATIO, assert_clear_of_max_pool_ties, check_gradients,
@@ -94,7 +96,7 @@ def _cast_keep_layout(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 @pytest.fixture
 def gemm_library(request):
     """The eager fp32 CPU GEMM library ``request.param`` for one test, the setting restored after it."""
-    from sam2_fast import cpu_gemm
+    from sam2_fast.gemm import cpu_gemm
 
     before = cpu_gemm.get_fp32_library_setting()
     cpu_gemm.set_fp32_library(request.param)

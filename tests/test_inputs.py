@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sam2_fast import build_image_encoder
-from sam2_fast.images import ImageError, read_rgb
+from sam2_fast.io.images import ImageError, read_rgb
 
 from helpers import refuse_reads
 

@@ -9,7 +9,8 @@ from sam2.modeling.backbones.utils import window_partition, window_unpartition
 from sam2.modeling.position_encoding import PositionEmbeddingSine as ReferenceSine
 
 import sam2_fast
-from sam2_fast import ops, torch_ops
+from sam2_fast import ops
+from sam2_fast.backends import torch_ops
 
 from helpers import (
     assert_close_verbose, assert_error_within, assert_max_pool_gaps_exceed, global_rng_seeded, q_pool_input,

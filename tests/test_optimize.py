@@ -150,7 +150,7 @@ def test_unrecognised_image_encoder_names_what_was_expected():
     model = build_sam.build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", device="cpu")
     model.image_encoder.neck = torch.nn.Identity()
     with pytest.raises(TypeError, match=r"expected image_encoder.neck to be "
-                                        r"sam2.modeling.backbones.image_encoder.FpnNeck or sam2_fast.image_encoder.FpnNeck"):
+                                        r"sam2.modeling.backbones.image_encoder.FpnNeck or sam2_fast.model.image_encoder.FpnNeck"):
         sam2_fast.optimize(model)
 
 

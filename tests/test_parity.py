@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from sam2_fast.configs import CONFIGS
+from sam2_fast.io.configs import CONFIGS
 
 from helpers import (
     assert_close_verbose, check_fp32_outputs, check_low_precision_outputs, encoder_pair, flat_outputs, run_encoder as _run,
@@ -109,7 +109,7 @@ def test_encoder_built_under_inference_mode(dtype):
     # positional embedding and the prepacked bf16 weights must not rely on one, and must still follow an in-place
     # update made there. The reference, built the same way, is the truth.
     from sam2_fast import build_image_encoder
-    from sam2_fast.reference import build_reference_encoder
+    from sam2_fast.testing.reference import build_reference_encoder
 
     name = "sam2.1_hiera_tiny"
     state = seeded_state(name)

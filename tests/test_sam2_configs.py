@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import sam2_fast
-from sam2_fast.sam2_configs import config_files
+from sam2_fast.io.sam2_configs import config_files
 
 from helpers import FP32_RELATIVE_TOLERANCE, assert_close_verbose, flat_outputs, global_rng_seeded, randomize_
 

@@ -3,24 +3,21 @@ float64 is the truth), stochastic depth, train/eval, activation checkpointing.""
 
 import copy
 import functools
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import sam2_fast
 from sam2_fast import ops
-from sam2_fast.configs import SIZES, get_config
-from sam2_fast.reference import build_reference_encoder
+from sam2_fast.io.configs import SIZES, get_config
+from sam2_fast.testing.reference import build_reference_encoder
+from sam2_fast.testing.tensor_memory import peak_tensor_bytes
 
 from helpers import (
     FP32_GRADIENT_ERROR_FLOOR, FP32_GRADIENT_ERROR_RATIO, assert_clear_of_max_pool_ties, assert_close_verbose,
     check_gradients, global_rng_seeded, recorded_max_pool_inputs, seeded_state,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is a package at the repo root
-from bench.tensor_memory import peak_tensor_bytes  # noqa: E402
 
 CPU_BACKENDS = [b for b in ("torch", "extension") if ops._unavailable_reason("window_attention", b, "cpu") is None]
 # sam2 and sam2.1 build the same encoder modules (configs.py): one name per architecture.

@@ -20,7 +20,7 @@ DEVICE, ON_GPU = triton_test_device()
 
 import sam2_fast  # noqa: E402
 import sam2_fast.ops  # noqa: E402
-from sam2_fast import torch_ops  # noqa: E402
+from sam2_fast.backends import torch_ops  # noqa: E402
 from sam2_fast.kernels.global_attention import global_attention  # noqa: E402
 from sam2_fast.kernels.window_attention import window_attention  # noqa: E402
 

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.interpreter
 DEVICE, ON_GPU = triton_test_device()
 
 import sam2_fast  # noqa: E402
-from sam2_fast import ops, torch_ops  # noqa: E402
+from sam2_fast import ops
+from sam2_fast.backends import torch_ops  # noqa: E402
 from sam2_fast.kernels.attention_backward import attention_backward  # noqa: E402
 from sam2_fast.kernels.fpn_upsample_add_backward import fpn_upsample_add_backward  # noqa: E402
 from sam2_fast.kernels.maxpool2x2_backward import maxpool2x2_backward  # noqa: E402

@@ -18,7 +18,7 @@ DEVICE, ON_GPU = triton_test_device()
 
 import sam2_fast  # noqa: E402
 import sam2_fast.ops  # noqa: E402
-from sam2_fast import torch_ops  # noqa: E402
+from sam2_fast.backends import torch_ops  # noqa: E402
 from sam2_fast.kernels.fpn_upsample_add import fpn_upsample_add  # noqa: E402
 from sam2_fast.kernels.maxpool2x2 import maxpool2x2  # noqa: E402
 

@@ -1,5 +1,5 @@
 """Loading SAM-2 weights into an encoder: full SAM-2 checkpoints, bare encoder state_dicts, Hugging Face
-transformers' and timm's layouts (:mod:`sam2_fast.checkpoint_formats`), as ``.pt`` or ``.safetensors`` files.
+transformers' and timm's layouts (:mod:`sam2_fast.io.checkpoint_formats`), as ``.pt`` or ``.safetensors`` files.
 
 A file that cannot be loaded gets a :class:`CheckpointError` that names it, says what is wrong and what will
 likely fix it: missing (:class:`CheckpointNotFoundError`, also a ``FileNotFoundError``), a folder, unreadable,
@@ -161,7 +161,7 @@ def encoder_state_dict(checkpoint: Mapping[str, object]) -> Dict[str, torch.Tens
 
     Accepts a full SAM-2 checkpoint (``{"model": {...}}`` with keys ``image_encoder.*``; the other keys are
     ignored), a model state_dict with those keys, a bare encoder state_dict, and the other layouts of
-    :mod:`sam2_fast.checkpoint_formats` (Hugging Face transformers, timm). Raises :class:`CheckpointError` when
+    :mod:`sam2_fast.io.checkpoint_formats` (Hugging Face transformers, timm). Raises :class:`CheckpointError` when
     the keys match no known layout.
     """
     return _encoder_state_and_format(checkpoint)[0]

@@ -7,8 +7,8 @@ from typing import Optional, Union
 
 import torch
 
-from .checkpoint import load_checkpoint
-from .configs import get_config
+from ..io.checkpoint import load_checkpoint
+from ..io.configs import get_config
 from .hiera import Hiera
 from .image_encoder import FpnNeck, ImageEncoder
 from .position_encoding import PositionEmbeddingSine

@@ -1,7 +1,7 @@
 """The op layer: each hot op of the encoder declared once, and the one place that chooses a backend.
 
 Backends:
-- ``torch``: the plain-PyTorch implementations in :mod:`sam2_fast.torch_ops`, always available. The model calls
+- ``torch``: the plain-PyTorch implementations in :mod:`sam2_fast.backends.torch_ops`, always available. The model calls
   them directly (not through a custom op), so ``torch.compile`` sees and fuses them and autograd differentiates them.
 - ``triton``: fused Triton kernels from :mod:`sam2_fast.kernels`, on CUDA tensors (and on CPU tensors only under
   ``TRITON_INTERPRET=1``, the Triton interpreter, for testing).
@@ -44,8 +44,8 @@ from typing import Callable, Dict, Iterator, NamedTuple, Optional, Tuple
 
 import torch
 
-from . import _extension, op_shapes, torch_ops
-from .precision import emulated_attention_dtype, rounded_fp32
+from ..backends import extension as _extension, shapes as op_shapes, torch_ops
+from ..backends.precision import emulated_attention_dtype, rounded_fp32
 
 BACKENDS = ("torch", "triton", "extension")
 BACKEND_ENV_VAR = "SAM2_FAST_BACKEND"
@@ -107,7 +107,7 @@ def _probe_triton() -> Tuple[Optional[str], Dict[str, Callable], Dict[str, Calla
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed", {}, {}
     try:
-        from .kernels import BACKWARD_LAUNCHERS, KERNEL_LAUNCHERS
+        from ..kernels import BACKWARD_LAUNCHERS, KERNEL_LAUNCHERS
     except Exception as error:  # a broken triton install must not break the package
         return f"the Triton kernels failed to import ({type(error).__name__}: {error})", {}, {}
     return None, dict(KERNEL_LAUNCHERS), dict(BACKWARD_LAUNCHERS)

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops
+from .. import ops
 from .layers import Conv2d
 from .position_encoding import PositionEmbeddingSine
 

@@ -17,11 +17,11 @@ from typing import Dict, Mapping, Optional, Union
 import torch
 import torch.nn as nn
 
-from . import ops
+from .. import ops
 from .capture import capture_cuda_graphs
-from .hiera import Hiera
-from .image_encoder import FpnNeck, ImageEncoder
-from .position_encoding import PositionEmbeddingSine
+from ..model.hiera import Hiera
+from ..model.image_encoder import FpnNeck, ImageEncoder
+from ..model.position_encoding import PositionEmbeddingSine
 
 EXPECTED_MODEL = (
     "a SAM-2 model (sam2.modeling.sam2_base.SAM2Base, as built by sam2.build_sam.build_sam2 or "

@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import op_shapes
+from . import shapes as op_shapes
 
 DISABLE_ENV_VAR = "SAM2_FAST_DISABLE_EXT"
 

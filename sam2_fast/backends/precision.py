@@ -31,11 +31,11 @@ def cpu_units_label() -> str:
 
 def extension_flag(name: str) -> Optional[bool]:
     """``sam2_fast._C.<name>()``, one of the extension's yes/no queries; None when the extension is not loaded."""
-    from . import _extension
+    from . import extension as _extension
 
     if _extension.load_error() is not None:
         return None
-    from . import _C
+    from .. import _C
 
     return bool(getattr(_C, name)())
 

@@ -16,12 +16,14 @@ from typing import List, Optional
 
 import torch
 
-from . import cpu_gemm, embed, ops
-from .build import build_image_encoder
-from .checkpoint import CheckpointError
-from .configs import CONFIGS, DEFAULT_CONFIG
+from ..gemm import cpu_gemm
+from . import embed
+from .. import ops
+from ..model.build import build_image_encoder
+from ..io.checkpoint import CheckpointError
+from ..io.configs import CONFIGS, DEFAULT_CONFIG
 from .embed import DTYPES
-from .images import ImageError, load_image, normalize
+from ..io.images import ImageError, load_image, normalize
 
 
 def sample_image(size: int) -> torch.Tensor:
@@ -54,7 +56,7 @@ def _max_relative_difference(ours: dict, reference: dict) -> List[str]:
 
 
 def command_info(args: argparse.Namespace) -> int:
-    from . import __version__
+    from .._version import __version__
 
     device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"sam2_fast {__version__}, torch {torch.__version__}, device type {device_type}")
@@ -111,7 +113,7 @@ def command_encode(args: argparse.Namespace) -> int:
         print(f"  backbone_fpn[{i}]     {tuple(features.shape)} {features.dtype}; vision_pos_enc[{i}] {tuple(pos.shape)}")
 
     if args.compare_reference:
-        from .reference import build_reference_encoder
+        from ..testing.reference import build_reference_encoder
 
         reference = build_reference_encoder(args.config).to(device)
         state = (encoder._orig_mod if args.compile else encoder).state_dict()

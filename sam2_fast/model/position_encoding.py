@@ -8,7 +8,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from . import ops
+from .. import ops
 
 
 class PositionEmbeddingSine(nn.Module):

@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .precision import extension_flag
+from ..backends.precision import extension_flag
 
 LIBRARIES = ("auto", "onednn", "blas")
 ENV_VAR = "SAM2_FAST_CPU_FP32_GEMM"

@@ -15,7 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from . import bicubic, dense, ops
+from . import bicubic
+from ..gemm import dense
+from .. import ops
 from .layers import Conv2d, Linear
 
 logger = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .configs import get_config
+from ..io.configs import get_config
 
 
 def build_reference_encoder(name: str, *, seed: int = 0, **trunk_overrides) -> torch.nn.Module:

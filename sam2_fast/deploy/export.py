@@ -15,7 +15,8 @@ from typing import Dict, Optional, Union
 import torch
 import torch.nn as nn
 
-from . import _extension, ops
+from ..backends import extension as _extension
+from .. import ops
 
 _METADATA_KEY = "sam2_fast"
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}

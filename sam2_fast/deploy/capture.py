@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 from torch.nn.modules import module as module_hooks
 
-from . import ops
-from .image_encoder import ImageEncoder
+from .. import ops
+from ..model.image_encoder import ImageEncoder
 
 # Modules that keep tensors between calls (the trunk's resized positional embedding, the neck's position
 # encodings) say so with two methods, which a captured encoder asks: ``cached_tensors()``, the tensors a recorded

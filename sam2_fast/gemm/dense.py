@@ -9,13 +9,13 @@ elementwise ops, on every device and backend:
 - ``linear_gelu``: the GELU runs in place on the GEMM's output when no gradient needs its input; in fp32 on a
   backend with a fused bias + GELU kernel (the CPU extension), the GEMM skips its bias and that kernel adds it.
 - ``conv2d``: a 1x1, stride-1 convolution of a channels-last map is a GEMM over its pixels; it is computed as one
-  and returned as a channels-last (B, C, H, W) view. In CPU training off sam2_fast.cpu_gemm's path it stays ATen's
+  and returned as a channels-last (B, C, H, W) view. In CPU training off sam2_fast.gemm.cpu_gemm's path it stays ATen's
   convolution, whose backward reads an NCHW gradient as it lies.
 
 Rounding is the reference's wherever a low-precision dtype is involved: under autocast, and in bf16/fp16, each
 GEMM's result is rounded before the residual add, as ``residual + F.linear(x)`` does; only fp32 without autocast
 folds (fp32 addition in another order, within an ulp). On CPUs without bf16/fp16 units the low-precision GEMMs run
-in fp32 on rounded operands (see :mod:`sam2_fast.precision`).
+in fp32 on rounded operands (see :mod:`sam2_fast.backends.precision`).
 
 On CPUs with bf16 units, bf16 inference GEMMs (bf16 weights, or bf16 autocast) run on oneDNN with each weight
 prepacked once into its blocked bf16 layout (cached per weight, rebuilt when it changes); ``F.linear`` repacks the
@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import cpu_gemm, ops
-from .precision import CPU_NATIVE_LOW_PRECISION, emulated_compute_dtype, rounded_fp32
+from . import cpu_gemm
+from .. import ops
+from ..backends.precision import CPU_NATIVE_LOW_PRECISION, emulated_compute_dtype, rounded_fp32
 
 
 def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:

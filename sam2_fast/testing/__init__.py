@@ -1,0 +1,1 @@
+"""What tests and benchmarks share: the reference sam2 encoder built from the same config (``reference``)."""
