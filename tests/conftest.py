@@ -1,3 +1,4 @@
+import gc
 import os
 import random
 
@@ -28,6 +29,27 @@ def pytest_collection_modifyitems(config, items):
         random.Random(shuffle_seed).shuffle(items)
 
 
+_LAST_OF_MODULE = pytest.StashKey[dict]()
+
+
+def pytest_collection_finish(session):
+    # The last test of each module in the order they will run, after shuffling and deselection.
+    session.config.stash[_LAST_OF_MODULE] = {item.path: item.nodeid for item in session.items}
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """When a test module's last test (in the order they run, shuffled or not) is done, its cached models and
+    results go: functools caches in the module's namespace are cleared. The suite otherwise grew to ~15 GB in one
+    process (every module's cached encoders and float64 truths kept to the end), too near these machines' 24 GiB
+    for two processes at once."""
+    if item.config.stash.get(_LAST_OF_MODULE, {}).get(item.path) != item.nodeid:
+        return
+    for value in list(vars(item.module).values()):
+        if callable(getattr(value, "cache_clear", None)) and hasattr(value, "cache_info"):
+            value.cache_clear()
+    gc.collect()
+
+
 def pytest_report_header(config):
     shuffle_seed = config.getoption("--shuffle-seed")
     return None if shuffle_seed is None else f"test order shuffled with --shuffle-seed {shuffle_seed}"
@@ -48,13 +70,13 @@ def _global_rng_reset():
 
 
 @pytest.fixture
-def library():
-    """Set the eager fp32 CPU GEMM library (sam2_fast.gemm.cpu_gemm) for one test, restoring the setting after it."""
+def library(monkeypatch):
+    """Set the eager fp32 CPU GEMM library (sam2_fast.gemm.cpu_gemm) for one test, restoring the setting after it
+    (None included: the environment variable's)."""
     from sam2_fast.gemm import cpu_gemm
 
-    before = cpu_gemm.get_fp32_library_setting()
+    monkeypatch.setattr(cpu_gemm, "_setting", cpu_gemm._setting)
     yield cpu_gemm.set_fp32_library
-    cpu_gemm.set_fp32_library(before)
 
 
 @pytest.fixture

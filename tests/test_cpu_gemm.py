@@ -130,8 +130,10 @@ def test_gradients_match_aten(library, products, monkeypatch, needs, kernels):
 @needs_onednn
 @pytest.mark.parametrize("kernels", [True, False], ids=["brgemm-kernels", "aten-products"])
 def test_pointwise_conv_gradients_from_a_channels_first_loss(library, monkeypatch, kernels):
-    # A 1x1 convolution of a channels-last map runs as a GEMM over its pixels (dense.conv2d); an NCHW gradient then
-    # reaches the GEMM as a (B, H, W, C) view whose rows are not contiguous, and is used per image as it lies.
+    # A 1x1 convolution of a channels-last map runs as a GEMM over its pixels (dense.conv2d) where fp32 training takes
+    # the extension's kernels; an NCHW gradient then reaches the GEMM as a (B, H, W, C) view whose rows are not
+    # contiguous, and is used per image as it lies. Without those kernels the GEMM policy gives training ATen's GEMM,
+    # and the convolution stays ATen's (which reads the gradient as it lies itself).
     library("onednn")
     monkeypatch.setattr(cpu_gemm, "_use_brgemm_kernels", kernels)
     taken = []
@@ -147,7 +149,7 @@ def test_pointwise_conv_gradients_from_a_channels_first_loss(library, monkeypatc
     expected_out = F.conv2d(*reference_leaves, 1, 0)
     actual = torch.autograd.grad(out, leaves, grad)
     expected = torch.autograd.grad(expected_out, reference_leaves, grad)
-    assert taken == [1]
+    assert taken == ([1] if kernels and brgemm_f32_usable() else [])
     assert_close_verbose(out.detach(), expected_out.detach(), atol=FP32_ATOL, name="output")
     for name, a, e in zip(("x", "weight", "bias"), actual, expected):
         # sums over 24 channels (x) or 70 pixels (weight, bias) of O(1) products: within fp32 rounding of O(10)

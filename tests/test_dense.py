@@ -1,5 +1,6 @@
 """The encoder's GEMM helpers (sam2_fast.gemm.dense) and the banded CPU block: same numbers as the plain sequence."""
 
+import contextlib
 import copy
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import sam2_fast
-from sam2_fast.gemm import dense
+from sam2_fast.gemm import cpu_gemm, dense
 from sam2_fast.model import hiera
 from sam2_fast import ops
 from sam2_fast.backends.precision import CPU_NATIVE_LOW_PRECISION
@@ -128,40 +129,69 @@ def test_conv2d_matches_torch(layout, kernel, stride, padding):
     assert_close_verbose(out, F.conv2d(image, weight, bias, stride, padding), atol=1e-5, name="conv2d")
 
 
-@pytest.mark.parametrize("precision", ["fp32-blas", "bf16-autocast"])
-def test_pointwise_conv_in_cpu_training_is_a_convolution_unless_fp32_gemms_are_ours(library, monkeypatch, precision):
-    # Where sam2_fast.gemm.cpu_gemm does not take the GEMM (the BLAS chosen, autocast), a 1x1 convolution that needs
-    # gradients runs as ATen's convolution, which reads an NCHW loss's gradient as it lies; without gradients it
-    # stays a GEMM over the pixels.
+@pytest.mark.parametrize("case", ["fp32-without-training-kernels", "fp32-torch-backend", "bf16-autocast"])
+def test_pointwise_conv_in_cpu_training_is_a_convolution_where_the_gemm_would_be_atens(library, monkeypatch, case):
+    # Where the GEMM policy gives CPU training ATen's GEMM (no training kernels, the torch backend, autocast), a 1x1
+    # convolution that needs gradients runs as ATen's convolution, which reads an NCHW loss's gradient as it lies;
+    # without gradients it stays a GEMM over the pixels.
     generator = torch.Generator().manual_seed(5)
     image = torch.randn(2, 6, 5, 7, generator=generator).contiguous(memory_format=torch.channels_last)
     weight, bias = torch.randn(9, 6, 1, 1, generator=generator), torch.randn(9, generator=generator)
     grad = torch.randn(2, 9, 5, 7, generator=generator)
     library("blas")
+    if case == "fp32-without-training-kernels":
+        monkeypatch.setattr(cpu_gemm, "_use_brgemm_kernels", False)
+    def backend():
+        return sam2_fast.use_backend("torch") if case == "fp32-torch-backend" else contextlib.nullcontext()
+
     gemms = []
-    linear, packed_linear = dense.linear, dense._packed_linear  # the GEMM, or its prepacked bf16 form
-    monkeypatch.setattr(dense, "linear", lambda *args: gemms.append(1) or linear(*args))
-    monkeypatch.setattr(dense, "_packed_linear",
-                        lambda *args, **kwargs: gemms.append(1) or packed_linear(*args, **kwargs))
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-autocast")
+    linear_on = dense._linear_on  # every GEMM of dense.conv2d goes through it
+    monkeypatch.setattr(dense, "_linear_on", lambda *args: gemms.append(1) or linear_on(*args))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "bf16-autocast")
     leaves = [t.clone().requires_grad_(True) for t in (image, weight, bias)]
     reference_leaves = [t.clone().requires_grad_(True) for t in (image, weight, bias)]
-    with autocast:
+    with autocast, backend():
         out = dense.conv2d(*leaves, 1, 0)
         expected_out = F.conv2d(*reference_leaves, 1, 0)
     assert gemms == []
     actual = torch.autograd.grad(out, leaves, grad.to(out.dtype))
     expected = torch.autograd.grad(expected_out, reference_leaves, grad.to(expected_out.dtype))
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), autocast, backend():
         dense.conv2d(image, weight, bias, 1, 0)
     assert gemms == [1]
-    if precision == "fp32-blas":  # the same ATen convolution on the same operands: equal
+    if case != "bf16-autocast":  # the same ATen convolution on the same operands: equal
         tolerance = dict(atol=0, rtol=0)
     else:  # on CPUs without bf16 units ours is emulated in fp32 and rounded once: within a bf16 rounding or two
         tolerance = dict(atol=0.1, rtol=2**-6)
     torch.testing.assert_close(out.float(), expected_out.float(), **tolerance)
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a.float(), e.float(), **tolerance)
+
+
+@pytest.mark.skipif(not cpu_gemm.brgemm_kernels(), reason="needs the extension and ATen's fp32 brgemm")
+@pytest.mark.parametrize("fp32_library", ["onednn", "blas"])
+def test_pointwise_conv_in_fp32_cpu_training_is_a_gemm_on_the_training_kernels(library, monkeypatch, fp32_library):
+    # fp32 CPU training takes the extension's kernels whatever the inference library; a 1x1 convolution is then a
+    # GEMM over the pixels, whose gradient from an NCHW loss is read per image as it lies (cpu_gemm._Linear).
+    generator = torch.Generator().manual_seed(5)
+    image = torch.randn(2, 6, 5, 7, generator=generator).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(9, 6, 1, 1, generator=generator), torch.randn(9, generator=generator)
+    grad = torch.randn(2, 9, 5, 7, generator=generator)
+    library(fp32_library)
+    calls = []
+    training_linear = cpu_gemm.training_linear
+    monkeypatch.setattr(cpu_gemm, "training_linear", lambda *args: calls.append(1) or training_linear(*args))
+    leaves = [t.clone().double().requires_grad_(True) for t in (image, weight, bias)]
+    ours = [t.clone().requires_grad_(True) for t in (image, weight, bias)]
+    out = dense.conv2d(*ours, 1, 0)
+    assert calls == [1]
+    actual = torch.autograd.grad(out, ours, grad)
+    exact_out = F.conv2d(*leaves, 1, 0)
+    exact = torch.autograd.grad(exact_out, leaves, grad.double())
+    # fp32 sums of at most 70 O(1) products against float64: a few fp32 ulps of the largest.
+    torch.testing.assert_close(out.double(), exact_out, atol=1e-5, rtol=1e-5)
+    for a, e in zip(actual, exact):
+        torch.testing.assert_close(a.double(), e, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["autocast", "cast"])

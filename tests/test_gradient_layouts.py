@@ -94,14 +94,10 @@ def _cast_keep_layout(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 @pytest.fixture
-def gemm_library(request):
+def gemm_library(request, library):
     """The eager fp32 CPU GEMM library ``request.param`` for one test, the setting restored after it."""
-    from sam2_fast.gemm import cpu_gemm
-
-    before = cpu_gemm.get_fp32_library_setting()
-    cpu_gemm.set_fp32_library(request.param)
-    yield request.param
-    cpu_gemm.set_fp32_library(before)
+    library(request.param)
+    return request.param
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -67,6 +67,8 @@ def command_info(args: argparse.Namespace) -> int:
             print(f"  {op:<24} {status}")
     print(f"eager fp32 CPU GEMMs: {cpu_gemm.fp32_library()} (asked for: {cpu_gemm.get_fp32_library_setting()}; set "
           f"with {cpu_gemm.ENV_VAR} or sam2_fast.set_cpu_fp32_gemm)")
+    training = "the extension's brgemm kernels" if cpu_gemm.brgemm_kernels() else "ATen"
+    print(f"fp32 CPU training GEMMs: {training} (whatever the library above; sam2_fast.gemm.policy decides each GEMM)")
     return 0
 
 

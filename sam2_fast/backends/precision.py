@@ -1,4 +1,5 @@
-"""Low precision on CPUs: which bf16/fp16 units this CPU has, and when to compute a bf16/fp16 GEMM in fp32 instead.
+"""Low precision on CPUs: which bf16/fp16 units this CPU has (the GEMM policy, :mod:`sam2_fast.gemm.policy`, emulates
+bf16/fp16 GEMMs in fp32 where it has none; the op layer does the same for the torch backend's attention).
 
 On CPUs without bf16/fp16 matrix units (AVX2, AVX-512 without BF16) ATen's bf16/fp16 GEMMs, convolutions and SDPA
 run several times slower than fp32 ones. Those GEMMs accumulate in fp32 and round the result once, so computing them
@@ -66,16 +67,6 @@ def _cpu_has_native(dtype: torch.dtype) -> bool:
 
 
 CPU_NATIVE_LOW_PRECISION = {dtype: _cpu_has_native(dtype) for dtype in (torch.bfloat16, torch.float16)}
-
-
-def emulated_compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.dtype]:
-    """The low-precision dtype of a GEMM/convolution to emulate in fp32 here, or None for the native path."""
-    if x.device.type != "cpu":
-        return None
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
-    if CPU_NATIVE_LOW_PRECISION.get(dtype, True):
-        return None
-    return dtype
 
 
 def emulated_attention_dtype(qkv: torch.Tensor) -> Optional[torch.dtype]:

@@ -22,19 +22,24 @@ from ..model.image_encoder import ImageEncoder
 # encodings) say so with two methods, which a captured encoder asks: ``cached_tensors()``, the tensors a recorded
 # graph may read from them, and ``cache_sources()``, the parameters those caches are computed from.
 
-# How many parameters, buffers and submodules have been registered in this process. A captured encoder checks it on
-# every call: a change (a checkpoint loaded with assign=True, a replaced layer) may mean other tensors hold its
+# How many parameters, buffers and submodules have been registered in this process since the first captured encoder
+# was made (the process-wide hooks that count them are installed then, not at import). A captured encoder checks it
+# on every call: a change (a checkpoint loaded with assign=True, a replaced layer) may mean other tensors hold its
 # weights now, so it looks again. Walking the module tree on every call instead costs milliseconds.
 _registrations = [0]
+_counting = [False]
 
 
 def _count_registration(*args) -> None:
     _registrations[0] += 1
 
 
-module_hooks.register_module_parameter_registration_hook(_count_registration)
-module_hooks.register_module_buffer_registration_hook(_count_registration)
-module_hooks.register_module_module_registration_hook(_count_registration)
+def _count_registrations() -> None:
+    if not _counting[0]:
+        module_hooks.register_module_parameter_registration_hook(_count_registration)
+        module_hooks.register_module_buffer_registration_hook(_count_registration)
+        module_hooks.register_module_module_registration_hook(_count_registration)
+        _counting[0] = True
 
 
 @dataclasses.dataclass
@@ -62,6 +67,7 @@ class CudaGraphImageEncoder(ImageEncoder):
     """
 
     def __init__(self, encoder: ImageEncoder, max_graphs: int = 8, copy_outputs: bool = True, warmup_calls: int = 2):
+        _count_registrations()
         nn.Module.__init__(self)
         self.trunk = encoder.trunk
         self.neck = encoder.neck

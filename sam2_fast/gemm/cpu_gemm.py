@@ -9,13 +9,13 @@ both capped at AVX2 the two were even (0.77x-1.37x), so AVX2-only CPUs keep the 
 
 :func:`fp32_library` says which library runs, ``"onednn"`` or ``"blas"``: by default (``"auto"``) oneDNN on non-Intel
 CPUs with AVX-512 where torch was built with oneDNN; :func:`set_fp32_library` or the ``SAM2_FAST_CPU_FP32_GEMM``
-environment variable (``auto``, ``onednn``, ``blas``) choose otherwise. Only eager fp32 without autocast takes this
-path; under ``torch.compile`` and ``torch.export`` the GEMMs stay ``F.linear``, which the compiler lowers itself.
+environment variable (``auto``, ``onednn``, ``blas``) choose otherwise. Only eager fp32 inference without autocast
+takes this path; which GEMM runs where is decided in one place, :mod:`sam2_fast.gemm.policy`.
 
-Where gradients are needed the products do not take oneDNN (see :class:`_Linear`) but the extension's kernels on
-ATen's fp32 brgemm, which sum the reduction in blocks: at or below MKL's rounding error, and over the 55 layers of a
-tiny 512x512 training step 1.12x less time than MKL for the products and 1.23x less for the input's gradients (same
-AMD EPYC Zen 4, 2 threads).
+Where gradients are needed, whatever the inference library, the products run on the extension's kernels on ATen's
+fp32 brgemm (:class:`_Linear`), which sum the reduction in blocks: at or below MKL's rounding error, and over the 55
+layers of a tiny 512x512 training step 1.12x less time than MKL for the products and 1.23x less for the input's
+gradients (same AMD EPYC Zen 4, 2 threads).
 
 Numerics: fp32 products accumulated in fp32, in another order than the BLAS (within the fp32 tolerance of the
 parity tests); oneDNN's fp32 math mode is left at torch's default (strict fp32, no bf16 or tf32 rounding).
@@ -23,11 +23,11 @@ parity tests); oneDNN's fp32 math mode is left at torch's default (strict fp32, 
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..backends.precision import extension_flag
 
@@ -46,14 +46,16 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
 
 
+@functools.lru_cache(maxsize=None)
 def _auto_prefers_onednn() -> bool:
     capabilities = torch._C._cpu._get_cpu_capability()
     intel = "intel" in str(capabilities.get("cpu_name", "")).lower()
     return bool(capabilities.get("avx512_f", False)) and not intel
 
 
-_setting = _check_library(os.environ.get(ENV_VAR, "auto"), f" in the environment variable {ENV_VAR}")
-_AUTO_ONEDNN = _auto_prefers_onednn()
+# The library set through set_fp32_library; None: the environment variable's (read at each use, so that setting it
+# after import takes effect).
+_setting: Optional[str] = None
 
 
 def set_fp32_library(name: str) -> None:
@@ -63,32 +65,17 @@ def set_fp32_library(name: str) -> None:
 
 
 def get_fp32_library_setting() -> str:
-    return _setting
+    if _setting is not None:
+        return _setting
+    value = os.environ.get(ENV_VAR, "").strip() or "auto"  # unset or empty: auto
+    return _check_library(value, f" in the environment variable {ENV_VAR}")
 
 
 def fp32_library() -> str:
     """The library eager fp32 CPU GEMMs run on with the current setting: ``"onednn"`` or ``"blas"``."""
-    wants_onednn = _setting == "onednn" or (_setting == "auto" and _AUTO_ONEDNN)
+    setting = get_fp32_library_setting()
+    wants_onednn = setting == "onednn" or (setting == "auto" and _auto_prefers_onednn())
     return "onednn" if wants_onednn and onednn_available() else "blas"
-
-
-# Tensors oneDNN's ops take as they are; subclasses (fake, functional, distributed tensors) keep F.linear.
-_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
-
-
-def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``linear(x, weight)`` runs on oneDNN: eager fp32 on the CPU, no autocast, oneDNN chosen."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
-        and weight.device.type == "cpu"
-        and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
-        and type(x) in _PLAIN_TYPES
-        and type(weight) in _PLAIN_TYPES
-        and fp32_library() == "onednn"
-    )
 
 
 def _product(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], post_op: str = "none",
@@ -98,20 +85,20 @@ def _product(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
 
 class _Linear(torch.autograd.Function):
-    """``x @ weight^T + bias`` over the last dimension of ``x`` where gradients are needed. Not on oneDNN: its fp32
-    products sum each output in one chain over the whole reduction and measured 1.6x-4x the BLAS's worst rounding
-    error at the encoder's depths, which the float64 gradient comparison of tests/test_training.py notices. Where
-    ATen's fp32 brgemm works, the product and the input's gradient come from the extension's ``linear`` (chains of
-    at most 128 products, at or below the BLAS's error and faster than it), the weight's and bias's from one pass of
-    ``linear_weight_grad``; else from ATen."""
+    """``x @ weight^T + bias`` over the last dimension of ``x`` where gradients are needed (the policy's
+    ``training_kernels``, where :func:`brgemm_kernels`). Not on oneDNN: its fp32 products sum each output in one chain
+    over the whole reduction and measured 1.6x-4x the BLAS's worst rounding error at the encoder's depths, which the
+    float64 gradient comparison of tests/test_training.py notices. The product and the input's gradient come from the
+    extension's ``linear`` (chains of at most 128 products, at or below the BLAS's error and faster than it), the
+    weight's and bias's from one pass of ``linear_weight_grad``; a channels-first gradient (see
+    :func:`_is_channels_first_map`) from ATen's GEMMs, per image."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         rows = _rows(x)
         ctx.save_for_backward(rows, weight)
         ctx.has_bias, ctx.input_shape = bias is not None, x.shape
-        out = _linear_product(rows, weight, bias) if _brgemm_kernels() else F.linear(rows, weight, bias)
-        return out.view(*x.shape[:-1], weight.shape[0])
+        return _linear_product(rows, weight, bias).view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -122,18 +109,13 @@ class _Linear(torch.autograd.Function):
             return grad_rows, grad_weight, grad_bias
         grad = _rows(grad)
         grad_rows = grad_weight = grad_bias = None
-        kernels = _brgemm_kernels()
         if ctx.needs_input_grad[0]:
-            grad_rows = _linear_product(grad, weight.t(), None) if kernels else grad.mm(weight)
-            grad_rows = grad_rows.view(ctx.input_shape)
-        if ctx.needs_input_grad[1] and kernels:
-            grad_weight, grad_bias = _linear_weight_grad(grad, rows, needs_bias)
-            return grad_rows, grad_weight, grad_bias if needs_bias else None
+            grad_rows = _linear_product(grad, weight.t(), None).view(ctx.input_shape)
         if ctx.needs_input_grad[1]:
-            grad_weight = grad.t().mm(rows)
-        if needs_bias:
+            grad_weight, grad_bias = _linear_weight_grad(grad, rows, needs_bias)
+        elif needs_bias:
             grad_bias = grad.sum(0)
-        return grad_rows, grad_weight, grad_bias
+        return grad_rows, grad_weight, grad_bias if needs_bias else None
 
 
 def _is_channels_first_map(grad: torch.Tensor) -> bool:
@@ -169,9 +151,9 @@ def _channels_first_gradients(ctx, grad: torch.Tensor, rows: torch.Tensor, weigh
     return grad_rows, grad_weight, grad_bias
 
 
-def _brgemm_kernels() -> bool:
-    """Whether the extension's fp32 brgemm kernels (linear, linear_weight_grad) run the products in training; else
-    ATen's."""
+def brgemm_kernels() -> bool:
+    """Whether the extension's fp32 brgemm kernels (linear, linear_weight_grad) can run the products of training
+    (the policy's ``training_kernels``); else ATen's run them."""
     return _use_brgemm_kernels and bool(extension_flag("brgemm_f32_usable"))
 
 
@@ -191,11 +173,13 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def training_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` with gradients on the extension's kernels (the policy's ``training_kernels``)."""
+    return _Linear.apply(x, weight, bias)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` (for where :func:`applies`): on oneDNN without gradients, else :class:`_Linear`."""
-    needs_grad = x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    if torch.is_grad_enabled() and needs_grad:
-        return _Linear.apply(x, weight, bias)
+    """``F.linear(x, weight, bias)`` on oneDNN, no gradient (the policy's ``onednn_fp32``)."""
     return _product(_rows(x), weight, bias).view(*x.shape[:-1], weight.shape[0])
 
 

@@ -9,13 +9,16 @@ elementwise ops, on every device and backend:
 - ``linear_gelu``: the GELU runs in place on the GEMM's output when no gradient needs its input; in fp32 on a
   backend with a fused bias + GELU kernel (the CPU extension), the GEMM skips its bias and that kernel adds it.
 - ``conv2d``: a 1x1, stride-1 convolution of a channels-last map is a GEMM over its pixels; it is computed as one
-  and returned as a channels-last (B, C, H, W) view. In CPU training off sam2_fast.gemm.cpu_gemm's path it stays ATen's
-  convolution, whose backward reads an NCHW gradient as it lies.
+  and returned as a channels-last (B, C, H, W) view. In CPU training on ATen's GEMM it stays ATen's convolution,
+  whose backward reads an NCHW gradient as it lies.
+
+Which GEMM runs (ATen's, oneDNN's fp32 or prepacked bf16, the extension's training kernels, fp32 emulation of
+bf16/fp16) is decided in one place, :mod:`sam2_fast.gemm.policy`; this module runs the path it returns.
 
 Rounding is the reference's wherever a low-precision dtype is involved: under autocast, and in bf16/fp16, each
 GEMM's result is rounded before the residual add, as ``residual + F.linear(x)`` does; only fp32 without autocast
 folds (fp32 addition in another order, within an ulp). On CPUs without bf16/fp16 units the low-precision GEMMs run
-in fp32 on rounded operands (see :mod:`sam2_fast.backends.precision`).
+in fp32 on rounded operands (the policy's ``emulated`` path).
 
 On CPUs with bf16 units, bf16 inference GEMMs (bf16 weights, or bf16 autocast) run on oneDNN with each weight
 prepacked once into its blocked bf16 layout (cached per weight, rebuilt when it changes); ``F.linear`` repacks the
@@ -34,20 +37,15 @@ from torch.nn.modules.utils import _pair
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import cpu_gemm
+from .policy import GemmPath, needs_grad as _needs_grad, path as _path
 from .. import ops
-from ..backends.precision import CPU_NATIVE_LOW_PRECISION, emulated_compute_dtype, rounded_fp32
+from ..backends.precision import rounded_fp32
 
 
-def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def _in_compute_dtype(fn: Callable, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *args):
-    """``fn(x, weight, bias, *args)``, or on CPUs that lack bf16/fp16 units the same in fp32 on operands rounded to
-    the low-precision dtype, with the result rounded to it once."""
-    dtype = emulated_compute_dtype(x, weight)
-    if dtype is None:
-        return fn(x, weight, bias, *args)
+def _emulated(fn: Callable, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *args):
+    """``fn(x, weight, bias, *args)`` computing in bf16/fp16 (the weight's dtype, or autocast's) as the policy's
+    ``emulated`` path: in fp32 on operands rounded to that dtype, the result rounded to it once."""
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
     with torch.autocast("cpu", enabled=False):
         out = fn(rounded_fp32(x, dtype), rounded_fp32(weight, dtype), rounded_fp32(bias, dtype), *args)
     return out.to(dtype)
@@ -55,23 +53,6 @@ def _in_compute_dtype(fn: Callable, x: torch.Tensor, weight: torch.Tensor, bias:
 
 # weight -> ((version, data_ptr, dtype), the weight prepacked in bf16 for oneDNN); entries leave with their weights.
 _PACKED_BF16_WEIGHTS = WeakIdKeyDictionary()
-
-
-def _packs_bf16(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
-    """Whether ``linear(x, weight, bias)`` runs on a prepacked bf16 weight: eager CPU inference computing in bf16
-    (bf16 weights, or bf16 autocast) where the CPU has bf16 units and oneDNN is enabled. Not for a weight created
-    under ``torch.inference_mode``: it has no version counter, so its pack could not follow in-place updates."""
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
-    return (
-        dtype == torch.bfloat16
-        and x.device.type == "cpu"
-        and CPU_NATIVE_LOW_PRECISION[torch.bfloat16]
-        and not torch.compiler.is_compiling()
-        and not _needs_grad(x, weight, bias)
-        and type(x) is torch.Tensor
-        and not weight.is_inference()
-        and cpu_gemm.onednn_available()
-    )
 
 
 def _packed_bf16_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -98,13 +79,20 @@ def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``F.linear``, with the low-precision GEMM emulated in fp32 on CPUs that lack bf16/fp16 units and on a
-    prepacked weight in bf16 CPU inference where they have them."""
-    if _packs_bf16(x, weight, bias):
+    """``F.linear``, on the path :mod:`sam2_fast.gemm.policy` chooses."""
+    return _linear_on(_path(x, weight, bias), x, weight, bias)
+
+
+def _linear_on(path: GemmPath, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    if path is GemmPath.PACKED_BF16:
         return _packed_linear(x, weight, bias, gelu=False)
-    if cpu_gemm.applies(x, weight):
+    if path is GemmPath.ONEDNN_FP32:
         return cpu_gemm.linear(x, weight, bias)
-    return _in_compute_dtype(F.linear, x, weight, bias)
+    if path is GemmPath.TRAINING_KERNELS:
+        return cpu_gemm.training_linear(x, weight, bias)
+    if path is GemmPath.EMULATED:
+        return _emulated(F.linear, x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -115,13 +103,14 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     inference on a prepacked weight, the GELU is the GEMM's post-op."""
     if _needs_grad(x, weight, bias):
         return F.gelu(linear(x, weight, bias))
-    if _packs_bf16(x, weight, bias):
+    path = _path(x, weight, bias)
+    if path is GemmPath.PACKED_BF16:
         return _packed_linear(x, weight, bias, gelu=True)
-    if cpu_gemm.applies(x, weight):
+    if path is GemmPath.ONEDNN_FP32:
         return cpu_gemm.linear_gelu(x, weight, bias)
     if adds_in_fp32(x, weight) and ops.bias_gelu_is_fused(x.device.type):
-        return ops.bias_gelu_(linear(x, weight, None), bias)
-    return torch.ops.aten.gelu_(linear(x, weight, bias))
+        return ops.bias_gelu_(_linear_on(path, x, weight, None), bias)
+    return torch.ops.aten.gelu_(_linear_on(path, x, weight, bias))
 
 
 def adds_in_fp32(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -148,7 +137,7 @@ def linear_add(
     clone and a copy of the map (CopySlices)."""
     if _needs_grad(x, weight, bias, residual) or not _folds_residual(x, weight, residual):
         return residual + linear(x, weight, bias)
-    if cpu_gemm.applies(x, weight):
+    if _path(x, weight, bias) is GemmPath.ONEDNN_FP32:
         return cpu_gemm.linear_add(x, weight, bias, residual)
     if bias is None:
         out = residual.clone(memory_format=torch.contiguous_format)
@@ -166,17 +155,19 @@ def _is_channels_last(x: torch.Tensor) -> bool:
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding) -> torch.Tensor:
     """``F.conv2d`` (zero padding, no groups or dilation); a 1x1 stride-1 convolution of a channels-last map runs as
-    a GEMM over its pixels, except where CPU training would take ATen's GEMM (see below). Low-precision convolutions
-    are emulated in fp32 on CPUs that lack bf16/fp16 units."""
+    a GEMM over its pixels on the policy's path, except where CPU training would take ATen's GEMM (see below).
+    Other convolutions run as ``F.conv2d``, emulated on the policy's ``emulated`` path."""
     pointwise = weight.shape[-2:] == (1, 1) and tuple(_pair(stride)) == (1, 1)
+    path = _path(x, weight, bias)
     if pointwise and tuple(_pair(padding)) == (0, 0) and _is_channels_last(x):
         pixels = x.permute(0, 2, 3, 1)
-        if x.device.type == "cpu" and _needs_grad(x, weight, bias) and not cpu_gemm.applies(pixels, weight):
-            # ATen's GEMM would get an NCHW loss's gradient as non-contiguous rows and copy the whole map first; the
-            # convolution reads it as it lies. Forward + backward at the tiny neck's 128x128 level on an AMD EPYC
-            # Zen 4: 40.6 against 51.1 ms under bf16 autocast, 95.2 against 107.9 ms in fp32 on the BLAS.
-            return _in_compute_dtype(F.conv2d, x, weight, bias, stride, padding)
-        if _packs_bf16(pixels, weight, bias):
-            return _packed_linear(pixels, weight, bias, gelu=False).permute(0, 3, 1, 2)
-        return linear(pixels, weight.flatten(1), bias).permute(0, 3, 1, 2)
-    return _in_compute_dtype(F.conv2d, x, weight, bias, stride, padding)
+        ours = path in (GemmPath.PACKED_BF16, GemmPath.ONEDNN_FP32, GemmPath.TRAINING_KERNELS)
+        if x.device.type != "cpu" or not _needs_grad(x, weight, bias) or ours:
+            return _linear_on(path, pixels, weight.flatten(1), bias).permute(0, 3, 1, 2)
+        # In CPU training on ATen's GEMM (or the emulated one), the GEMM would get an NCHW loss's gradient as
+        # non-contiguous rows and copy the whole map first; the convolution reads it as it lies. Forward + backward
+        # at the tiny neck's 128x128 level on an AMD EPYC Zen 4: 40.6 against 51.1 ms under bf16 autocast, 95.2
+        # against 107.9 ms in fp32 on the BLAS.
+    if path is GemmPath.EMULATED:
+        return _emulated(F.conv2d, x, weight, bias, stride, padding)
+    return F.conv2d(x, weight, bias, stride, padding)

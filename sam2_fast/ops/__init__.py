@@ -73,7 +73,9 @@ def _check_backend_name(name: str) -> str:
     return name
 
 
-_requested_backend: str = _check_backend_name(os.environ.get(BACKEND_ENV_VAR, "auto").strip().lower() or "auto")
+# The backend set through set_backend / use_backend; None: the environment variable's (read at each use, so that
+# setting it after import takes effect).
+_requested_backend: Optional[str] = None
 
 
 def set_backend(name: str) -> None:
@@ -83,19 +85,27 @@ def set_backend(name: str) -> None:
 
 
 def get_backend() -> str:
-    """The backend asked for (``"auto"`` unless set), not necessarily the one an op resolves to."""
-    return _requested_backend
+    """The backend asked for (set_backend's, else ``SAM2_FAST_BACKEND``'s, else ``"auto"``), not necessarily the one
+    an op resolves to."""
+    if _requested_backend is not None:
+        return _requested_backend
+    value = os.environ.get(BACKEND_ENV_VAR, "auto").strip().lower() or "auto"
+    if value != "auto" and value not in BACKENDS:
+        raise ValueError(f"unknown sam2_fast backend {value!r} in the environment variable {BACKEND_ENV_VAR}: "
+                         f"expected one of 'auto', {', '.join(map(repr, BACKENDS))}")
+    return value
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Run a block with another backend, e.g. ``with sam2_fast.use_backend("torch"): encoder(x)``."""
+    global _requested_backend
     previous = _requested_backend
     set_backend(name)
     try:
         yield
     finally:
-        set_backend(previous)
+        _requested_backend = previous
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -180,16 +190,24 @@ def runs_whole_encoder(backend: str, device_type: str) -> bool:
     )
 
 
-def backend_status(device_type: str = "cuda" if torch.cuda.is_available() else "cpu") -> Dict[str, Dict[str, str]]:
-    """Per backend, per op: ``"available"`` or the reason it is not, on ``device_type``."""
+def _default_device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def backend_status(device_type: Optional[str] = None) -> Dict[str, Dict[str, str]]:
+    """Per backend, per op: ``"available"`` or the reason it is not, on ``device_type`` (default: CUDA where
+    torch sees a GPU, else the CPU)."""
+    device_type = device_type or _default_device_type()
     return {
         backend: {op: _unavailable_reason(op, backend, device_type) or "available" for op in OPS}
         for backend in BACKENDS
     }
 
 
-def active_backends(device_type: str = "cuda" if torch.cuda.is_available() else "cpu") -> Dict[str, str]:
-    """The backend each op resolves to on ``device_type`` with the current setting."""
+def active_backends(device_type: Optional[str] = None) -> Dict[str, str]:
+    """The backend each op resolves to on ``device_type`` (default as in :func:`backend_status`) with the current
+    setting."""
+    device_type = device_type or _default_device_type()
     return {op: resolve_backend(op, device_type) for op in OPS}
 
 
@@ -198,7 +216,7 @@ _warned_fallbacks: set = set()
 
 def resolve_backend(op: str, device_type: str) -> str:
     """The backend that runs ``op`` on ``device_type`` under the current setting."""
-    requested = _requested_backend
+    requested = get_backend()
     if requested != "auto":
         if not _implements(requested, op, device_type):
             # An op this backend has no kernel for on this device (e.g. the sine encoding, computed once per size
@@ -390,12 +408,13 @@ _BACKWARDS = _backward_table()
 _warned_recomputes: set = set()
 
 
-def active_backward(device_type: str = "cuda" if torch.cuda.is_available() else "cpu") -> Dict[str, str]:
+def active_backward(device_type: Optional[str] = None) -> Dict[str, str]:
     """How each op's gradient is computed on ``device_type`` with the current setting: ``"<backend> kernel"`` (a
     fused backward kernel), ``"formula"`` (the exact gradient in a few torch ops), ``"recompute"`` (the fallback:
     the op's torch implementation rerun in the backward and differentiated), ``"torch autograd"`` (the torch backend:
     autograd of the plain ops) or ``"none"`` (ops that take no gradient: the position encoding, a constant, and the
     in-place bias + GELU, used only where no gradient is recorded)."""
+    device_type = device_type or _default_device_type()
     status = {}
     for op in OPS:
         backend = resolve_backend(op, device_type)

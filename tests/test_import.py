@@ -1,0 +1,47 @@
+"""``import sam2_fast`` does no work beyond registering its ops and configs: settings are read when used (so that
+one changed after import takes effect) and process-wide hooks wait for the feature that needs them."""
+import subprocess
+import sys
+
+import pytest
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    environment = {"PATH": "", "SAM2_FAST_BACKEND": "", "SAM2_FAST_CPU_FP32_GEMM": "", **env}
+    return subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True, timeout=300)
+
+
+def test_settings_changed_after_import_take_effect():
+    result = _run(
+        "import os, sam2_fast\n"
+        "print(sam2_fast.get_backend(), sam2_fast.cpu_fp32_gemm())\n"
+        "os.environ['SAM2_FAST_BACKEND'] = 'torch'; os.environ['SAM2_FAST_CPU_FP32_GEMM'] = 'blas'\n"
+        "print(sam2_fast.get_backend(), sam2_fast.cpu_fp32_gemm())\n"
+        "with sam2_fast.use_backend('extension'): print(sam2_fast.get_backend())\n"
+        "print(sam2_fast.get_backend())\n"
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.split("\n")
+    assert lines[0].split()[0] == "auto"
+    assert lines[1:4] == ["torch blas", "extension", "torch"]
+
+
+@pytest.mark.parametrize("variable, value, message", [
+    ("SAM2_FAST_BACKEND", "fastest", "unknown sam2_fast backend 'fastest' in the environment variable SAM2_FAST_BACKEND"),
+    ("SAM2_FAST_CPU_FP32_GEMM", "mkl", "unknown CPU fp32 GEMM library 'mkl' in the environment variable"),
+])
+def test_a_bad_setting_set_after_import_is_refused_at_use(variable, value, message):
+    result = _run(f"import os, sam2_fast\nos.environ[{variable!r}] = {value!r}\n"
+                  "sam2_fast.get_backend(); sam2_fast.cpu_fp32_gemm()")
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
+def test_import_installs_no_module_hooks():
+    result = _run(
+        "import torch.nn.modules.module as m\n"
+        "import sam2_fast\n"
+        "print(len(m._global_parameter_registration_hooks), len(m._global_buffer_registration_hooks),"
+        " len(m._global_module_registration_hooks))\n"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0", "0", "0"]
