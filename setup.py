@@ -21,14 +21,16 @@ EXT_REQUIRED = os.environ.get("SAM2_FAST_EXT_REQUIRED", "0") == "1"
 
 
 def _sources(pattern):
-    return sorted(os.path.relpath(path, HERE) for path in glob.glob(os.path.join(HERE, pattern)))
+    return sorted(os.path.relpath(path, HERE) for path in glob.glob(os.path.join(HERE, pattern), recursive=True))
 
 
 def extension_build():
     """(ext_modules, cmdclass) for the C++/CUDA extension, or ([], {}) where it is not to be built."""
     if not BUILD_EXT:
         return [], {}
-    cpp_sources = _sources("csrc/*.cpp")
+    # csrc/: ops.cpp (every schema), common/ (vector, exp, transpose, brgemm helpers, argument checks), cpu/ by op
+    # family, cuda/; sources include headers by their path from csrc/.
+    cpp_sources = _sources("csrc/**/*.cpp")
     if not cpp_sources:
         return [], {}
     try:
@@ -41,7 +43,8 @@ def extension_build():
         warnings.warn(message + " (install with --no-build-isolation to build it)")
         return [], {}
 
-    cuda_sources = _sources("csrc/cuda/*.cu")
+    cuda_sources = _sources("csrc/cuda/**/*.cu")
+    include_dirs = [os.path.join(HERE, "csrc")]
     use_cuda = bool(cuda_sources) and torch.version.cuda is not None and CUDA_HOME is not None
     # -g0: no debug info (Python's own CFLAGS add -g), which shortens the compile of the torch-heavy sources.
     # at::parallel_for is an inline OpenMP region in ATen's headers (torch's CPU builds use OpenMP): without
@@ -56,9 +59,11 @@ def extension_build():
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20"]},
             extra_link_args=openmp,
             define_macros=define_macros,
+            include_dirs=include_dirs,
         )
     else:
-        extension = CppExtension("sam2_fast._C", cpp_sources, extra_compile_args=cxx_flags, extra_link_args=openmp)
+        extension = CppExtension("sam2_fast._C", cpp_sources, extra_compile_args=cxx_flags, extra_link_args=openmp,
+                                 include_dirs=include_dirs)
 
     class OptionalBuildExtension(BuildExtension.with_options(use_ninja=True)):
         """Builds with ninja; a failure warns and leaves the package usable unless SAM2_FAST_EXT_REQUIRED=1."""

@@ -8,9 +8,9 @@
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
-#include "attention_backward.h"
-#include "attention_bf16.h"
-#include "brgemm_f32.h"
+#include "cpu/attention/attention_backward.h"
+#include "cpu/attention/attention_bf16.h"
+#include "common/brgemm_f32.h"
 
 namespace sam2_fast {
 namespace {

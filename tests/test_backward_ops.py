@@ -164,7 +164,7 @@ def products(request):
 
     if request.param == "brgemm" and not _C.brgemm_f32_usable():
         pytest.skip("ATen's fp32 brgemm is not usable here: oneDNN is disabled in torch, or its one-time check "
-                    "failed (it runs on oneDNN's micro-kernels from AVX2 up; see csrc/brgemm_f32.h)")
+                    "failed (it runs on oneDNN's micro-kernels from AVX2 up; see csrc/common/brgemm_f32.h)")
     _C.set_brgemm_attention_backward(request.param == "brgemm")
     try:
         yield request.param

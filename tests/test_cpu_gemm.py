@@ -206,7 +206,7 @@ def test_encoder_outputs_and_gradients_agree_on_both_libraries(library):
 needs_brgemm = pytest.mark.skipif(
     not brgemm_f32_usable(),
     reason="needs the extension and ATen's fp32 brgemm with oneDNN enabled in torch (it runs on oneDNN's "
-    "micro-kernels from AVX2 up, on ATen's BLAS gemm below; see csrc/brgemm_f32.h)",
+    "micro-kernels from AVX2 up, on ATen's BLAS gemm below; see csrc/common/brgemm_f32.h)",
 )
 
 

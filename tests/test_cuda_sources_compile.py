@@ -83,7 +83,7 @@ def test_cuda_source_compiles(source: Path, torch_cuda_include: Path, tmp_path: 
         "-Xcompiler", "-fPIC", "-DSAM2_FAST_WITH_CUDA=1", "-DTORCH_EXTENSION_NAME=_C",
         *COMMON_NVCC_FLAGS, *gencode, "--threads", str(len(ARCHS)),
         f"-I{torch_cuda_include}", f"-I{torch_cuda_include / 'torch' / 'csrc' / 'api' / 'include'}",
-        f"-I{sysconfig.get_paths()['include']}",
+        f"-I{sysconfig.get_paths()['include']}", f"-I{REPO / 'csrc'}",  # sources include headers from csrc/, as setup.py
     ]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, f"nvcc failed on {source.name}:\n{' '.join(command)}\n{result.stderr[-6000:]}"

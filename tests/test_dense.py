@@ -65,7 +65,7 @@ def test_linear_add_under_autocast_keeps_the_reference_dtypes():
     torch.testing.assert_close(out, expected, atol=2e-2, rtol=2**-7)
 
 
-# The fused bias + GELU kernel's erf is within 4.1e-7 of erf (csrc/bias_gelu.cpp), so its GELU of
+# The fused bias + GELU kernel's erf is within 4.1e-7 of erf (csrc/cpu/gemm/bias_gelu.cpp), so its GELU of
 # these |x| < 8 pre-activations may differ from torch's by about 0.5 * 8 * 4.1e-7 plus an ulp.
 FUSED_GELU_ATOL = 2e-6
 

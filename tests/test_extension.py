@@ -320,7 +320,7 @@ def test_attention_rejects_bad_channels():
 # ---------------------------------------------------------------------------------------------------------------
 # bias_gelu_
 
-# The kernel's erf is a rational fit within 4.1e-7 of erf when evaluated in fp32 (see csrc/bias_gelu.cpp), so its
+# The kernel's erf is a rational fit within 4.1e-7 of erf when evaluated in fp32 (see csrc/cpu/gemm/bias_gelu.cpp), so its
 # GELU is within 0.5 * |x| * 4.1e-7 plus two fp32 rounding steps (2 * 6e-8 relative) of the exact one: checked
 # against a float64 GELU, not against torch's fp32 one, which has its own few-ulp error.
 GELU_ERF_ERROR = 4.1e-7
@@ -479,7 +479,7 @@ def _matrix_units(run):
 
 
 NEEDS_BRGEMM = (pytest.mark.skipif(not brgemm_f32_usable(), reason="needs ATen's fp32 brgemm with oneDNN enabled in "
-                                   "torch (see csrc/brgemm_f32.h)"),)
+                                   "torch (see csrc/common/brgemm_f32.h)"),)
 
 BOUNDARY_CASES = [
     BoundaryCase("maxpool2x2", "maxpool2x2",

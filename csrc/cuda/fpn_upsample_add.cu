@@ -12,7 +12,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "../tensor_args.h"
+#include "common/tensor_args.h"
 #include "cuda_utils.cuh"
 
 namespace sam2_fast {

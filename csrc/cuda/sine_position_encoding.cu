@@ -9,7 +9,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "../sine_position_tables.h"
+#include "common/sine_position_tables.h"
 #include "cuda_utils.cuh"
 
 namespace sam2_fast {

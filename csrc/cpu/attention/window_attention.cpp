@@ -30,10 +30,10 @@
 #include <utility>
 #include <vector>
 
-#include "attention_bf16.h"
-#include "attention_core.h"
-#include "cpu_utils.h"
-#include "tensor_args.h"
+#include "cpu/attention/attention_bf16.h"
+#include "cpu/attention/attention_core.h"
+#include "common/cpu_utils.h"
+#include "common/tensor_args.h"
 
 namespace sam2_fast {
 namespace {

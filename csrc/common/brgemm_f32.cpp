@@ -1,6 +1,6 @@
 // The one-time check of ATen's fp32 brgemm (see brgemm_f32.h).
 
-#include "brgemm_f32.h"
+#include "common/brgemm_f32.h"
 
 #include <ATen/Context.h>
 #include <ATen/native/CPUBlas.h>

@@ -11,8 +11,8 @@
 #include <c10/core/ScalarType.h>
 #include <torch/library.h>
 
-#include "cpu_utils.h"
-#include "tensor_args.h"
+#include "common/cpu_utils.h"
+#include "common/tensor_args.h"
 
 namespace sam2_fast {
 namespace {

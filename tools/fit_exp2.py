@@ -1,5 +1,5 @@
-"""Fits the polynomial for 2^f used by the bf16 attention core's softmax (csrc/attention_bf16.cpp) and prints its
-coefficients; a development tool, run by hand (needs numpy): ``python csrc/fit_exp2.py``.
+"""Fits the polynomial for 2^f used by the bf16 attention core's softmax (csrc/cpu/attention/attention_bf16.cpp) and prints its
+coefficients; a development tool, run by hand (needs numpy): ``python tools/fit_exp2.py``.
 
 2^f ~= P(f) on -1/2 <= f <= 1/2, P of degree 5; the kernel computes 2^t as P(t - round(t)) scaled by 2^round(t).
 The fit minimizes the largest relative error: least squares weighted by 1 / 2^f, with the weights reweighted

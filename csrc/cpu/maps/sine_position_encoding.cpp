@@ -18,8 +18,8 @@
 
 #include <cstring>
 
-#include "cpu_utils.h"
-#include "sine_position_tables.h"
+#include "common/cpu_utils.h"
+#include "common/sine_position_tables.h"
 
 namespace sam2_fast {
 

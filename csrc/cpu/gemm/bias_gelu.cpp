@@ -7,7 +7,7 @@
 // cannot write it). bias: (C,) fp32, any strides, or None for gelu(x).
 //
 // gelu(x) = x * (1 + erf(x / sqrt(2))) / 2 with erf from a rational fit, z * P(s) / Q(s), fitted by
-// csrc/fit_gelu_erf.py (coefficients below): at most 1.7e-8 from erf in exact arithmetic and 4.1e-7 evaluated in
+// tools/fit_gelu_erf.py (coefficients below): at most 1.7e-8 from erf in exact arithmetic and 4.1e-7 evaluated in
 // fp32, so the GELU is within about 2e-7 * |x| + 1 ulp of the exact one (over [-10, 10]: at most 1.1e-6 from a
 // float64 GELU, where torch's fp32 GELU is within 3.8e-7). It costs ten FMAs and one division per 8 values, with no
 // exp: about half the time of torch's GELU pass on this project's CPU benchmark machine.
@@ -20,14 +20,14 @@
 #include <cstdint>
 #include <optional>
 
-#include "cpu_utils.h"
-#include "tensor_args.h"
-#include "vec8.h"
+#include "common/cpu_utils.h"
+#include "common/tensor_args.h"
+#include "common/vec8.h"
 
 namespace sam2_fast {
 namespace {
 
-// From csrc/fit_gelu_erf.py: erf(x / sqrt(2)) ~= x * P(s) / Q(s), s = x^2 * kErfScale, for |x| <= kErfClamp
+// From tools/fit_gelu_erf.py: erf(x / sqrt(2)) ~= x * P(s) / Q(s), s = x^2 * kErfScale, for |x| <= kErfClamp
 // (beyond which erf(x / sqrt(2)) rounds to +-1 in fp32).
 constexpr float kErfClamp = 5.55078823f;
 constexpr float kErfScale = 0.0324556777f;

@@ -1,5 +1,5 @@
-"""Fits the rational approximation of erf used by the CPU GELU kernel (csrc/bias_gelu.cpp) and prints its
-coefficients; a development tool, run by hand (needs numpy): ``python csrc/fit_gelu_erf.py``.
+"""Fits the rational approximation of erf used by the CPU GELU kernel (csrc/cpu/gemm/bias_gelu.cpp) and prints its
+coefficients; a development tool, run by hand (needs numpy): ``python tools/fit_gelu_erf.py``.
 
 erf(z) ~= z * P(s) / Q(s) with s = (z / Z)^2 on 0 <= z <= Z, P of degree 5, Q of degree 5 with Q(0) = 1. Beyond
 Z = 3.925, erf(z) rounds to 1 in fp32, so the kernel clamps its argument there. The fit minimizes the largest

@@ -5,7 +5,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "vec8.h"
+#include "common/vec8.h"
 
 namespace sam2_fast {
 

@@ -4,7 +4,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "vec8.h"
+#include "common/vec8.h"
 
 namespace sam2_fast {
 

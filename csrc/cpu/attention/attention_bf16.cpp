@@ -1,7 +1,7 @@
 // The bf16 attention core (see attention_bf16.h): both products on ATen's brgemm micro-kernels (oneDNN's, which
 // use AMX tiles where the CPU has them and AVX512-BF16 dot products otherwise), the softmax in fp32 between them.
 
-#include "attention_bf16.h"
+#include "cpu/attention/attention_bf16.h"
 
 #include <ATen/Context.h>
 #include <ATen/Version.h>
@@ -14,7 +14,7 @@
 #include <exception>
 #include <string>
 
-#include "cpu_utils.h"
+#include "common/cpu_utils.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define SAM2_FAST_BF16_ROW_KERNELS 1
@@ -45,7 +45,7 @@ SAM2_FAST_AVX512_BF16 inline __mmask16 lanes_mask(int64_t count) {
   return count >= kLanes16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
 }
 
-// From csrc/fit_exp2.py: 2^f for |f| <= 1/2 within 2.3e-7 (relative, evaluated in fp32), f^0 first.
+// From tools/fit_exp2.py: 2^f for |f| <= 1/2 within 2.3e-7 (relative, evaluated in fp32), f^0 first.
 constexpr float kExp2[6] = {1.00000012f, 0.693146944f, 0.240221202f, 0.0555071309f, 0.00967554096f, 0.00132764713f};
 constexpr float kLog2e = 1.44269504088896341f;
 

@@ -3,10 +3,10 @@
 // Written with GCC/Clang vector extensions (8 floats) so that it vectorizes without -ffast-math or -march flags,
 // and compiled twice through target_clones (x86-64-v3, i.e. AVX2 + FMA, and the baseline) on x86-64 Linux.
 
-#include "attention_core.h"
-#include "cpu_utils.h"
-#include "exp8.h"
-#include "vec8.h"
+#include "cpu/attention/attention_core.h"
+#include "common/cpu_utils.h"
+#include "common/exp8.h"
+#include "common/vec8.h"
 
 #include <cmath>
 

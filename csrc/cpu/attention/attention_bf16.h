@@ -12,7 +12,7 @@
 #include <cstring>
 #include <vector>
 
-#include "attention_core.h"
+#include "cpu/attention/attention_core.h"
 
 namespace sam2_fast {
 

@@ -22,9 +22,9 @@
 #include <cmath>
 #include <vector>
 
-#include "attention_bf16.h"
-#include "cpu_utils.h"
-#include "tensor_args.h"
+#include "cpu/attention/attention_bf16.h"
+#include "common/cpu_utils.h"
+#include "common/tensor_args.h"
 
 namespace sam2_fast {
 namespace {

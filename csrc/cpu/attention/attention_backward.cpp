@@ -30,9 +30,9 @@
 // the softmax and its backward, routing and writing the gradients) is compiled for AVX2 + FMA as well as the
 // baseline ISA, picked at load time.
 
-#include "attention_backward.h"
-#include "brgemm_f32.h"
-#include "transpose.h"
+#include "cpu/attention/attention_backward.h"
+#include "common/brgemm_f32.h"
+#include "common/transpose.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/native/CPUBlas.h>
@@ -52,10 +52,10 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu_utils.h"
-#include "exp8.h"
-#include "tensor_args.h"
-#include "vec8.h"
+#include "common/cpu_utils.h"
+#include "common/exp8.h"
+#include "common/tensor_args.h"
+#include "common/vec8.h"
 
 // The BLAS that torch links (MKL in the x86-64 Linux wheels; ATen calls the same symbols). Weak, so that the library
 // loads where a torch build has none: the kernel is then not registered (see the end of this file) and the op layer

@@ -13,8 +13,8 @@
 #include <cstring>
 #include <type_traits>
 
-#include "cpu_utils.h"
-#include "tensor_args.h"
+#include "common/cpu_utils.h"
+#include "common/tensor_args.h"
 
 namespace sam2_fast {
 namespace {

@@ -16,8 +16,8 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "cpu_utils.h"
-#include "tensor_args.h"
+#include "common/cpu_utils.h"
+#include "common/tensor_args.h"
 
 namespace sam2_fast {
 namespace {

@@ -32,10 +32,10 @@
 #include <tuple>
 #include <vector>
 
-#include "brgemm_f32.h"
-#include "cpu_utils.h"
-#include "tensor_args.h"
-#include "transpose.h"
+#include "common/brgemm_f32.h"
+#include "common/cpu_utils.h"
+#include "common/tensor_args.h"
+#include "common/transpose.h"
 
 namespace sam2_fast {
 namespace {
