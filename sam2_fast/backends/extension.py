@@ -1,8 +1,8 @@
 """Loading the compiled C++/CUDA extension ``sam2_fast._C`` and what it was built for.
 
 The extension registers its ops with ``TORCH_LIBRARY`` in the ``sam2_fast_ext`` namespace (schemas in
-csrc/ops.cpp, kernels in csrc/<op>.cpp and csrc/cuda/<op>.cu). Loading it is optional: if it is missing or broken,
-:func:`load_error` says why and sam2_fast runs on its other backends. Once it is loaded, each op gets its fake (meta)
+csrc/ops.cpp, kernels in csrc/cpu/<family>/<op>.cpp and csrc/cuda/<op>.cu). Loading it is optional: if it is
+missing or broken, :func:`load_error` says why and sam2_fast runs on its other backends. Once it is loaded, each op gets its fake (meta)
 implementation here, so that ``torch.compile(fullgraph=True)`` and ``torch.export`` can trace through it.
 """
 
