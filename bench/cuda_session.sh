@@ -90,7 +90,7 @@ if [[ -n "$BUILD_PID" ]]; then
     wait "$BUILD_PID"
     tail -n 5 "$OUT/build.log"
 fi
-$PY -c "import sam2_fast; from sam2_fast import _extension; print('extension:', _extension.load_error() or 'loaded', _extension.device_types()); print(sam2_fast.active_backends('cuda'))"
+$PY -c "import sam2_fast; from sam2_fast.backends import extension as _extension; print('extension:', _extension.load_error() or 'loaded', _extension.device_types()); print(sam2_fast.active_backends('cuda'))"
 
 if wanted gpu_tests; then
     step "GPU tests: capture, extension CUDA kernels, whole encoder vs sam2 on the GPU"

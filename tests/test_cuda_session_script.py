@@ -45,3 +45,15 @@ def test_every_step_is_in_a_calls_default_list():
     defaults = " ".join(re.findall(r"STEPS=\$\{STEPS:-([^}]*)\}", TEXT)).split()
     assert defined == set(defaults), f"defined {sorted(defined)} vs run by default {sorted(defaults)}"
     assert len(defaults) == len(set(defaults)), "a step runs in both calls"
+
+
+def test_inline_python_imports_resolve():
+    # Each `$PY -c "..."` snippet: its sam2_fast imports name modules and names that exist (a moved module once broke
+    # one here, which only the GPU machine would have shown).
+    snippets = re.findall(r'\$PY -c "([^"]+)"', TEXT)
+    assert snippets, "the script runs no inline Python"
+    imports = [statement.strip() for snippet in snippets for statement in snippet.split(";")
+               if re.match(r"\s*(from sam2_fast\S* import|import sam2_fast)", statement)]
+    assert imports, "no inline sam2_fast import found to check"
+    for statement in imports:
+        exec(statement, {})
