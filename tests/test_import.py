@@ -45,3 +45,20 @@ def test_import_installs_no_module_hooks():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["0", "0", "0"]
+
+
+def test_traced_code_reuses_the_backend_read_eagerly(monkeypatch):
+    # A trace does not read the environment once eager code has: the value eager code last read holds there.
+    import torch
+
+    from sam2_fast import ops
+
+    monkeypatch.setattr(ops, "_requested_backend", None)
+    monkeypatch.setattr(ops, "_environment_backend", None)
+    monkeypatch.setenv("SAM2_FAST_BACKEND", "torch")
+    assert ops.get_backend() == "torch"
+    monkeypatch.setenv("SAM2_FAST_BACKEND", "extension")
+    with monkeypatch.context() as tracing:
+        tracing.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert ops.get_backend() == "torch"
+    assert ops.get_backend() == "extension"  # eager code reads it again

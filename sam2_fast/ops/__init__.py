@@ -84,15 +84,25 @@ def set_backend(name: str) -> None:
     _requested_backend = _check_backend_name(name)
 
 
+# The environment variable's value as last read in eager code; traced code reuses it rather than reading the
+# environment (None: not read yet).
+_environment_backend: Optional[str] = None
+
+
 def get_backend() -> str:
     """The backend asked for (set_backend's, else ``SAM2_FAST_BACKEND``'s, else ``"auto"``), not necessarily the one
     an op resolves to."""
+    global _environment_backend
     if _requested_backend is not None:
         return _requested_backend
+    if _environment_backend is not None and torch.compiler.is_compiling():
+        return _environment_backend
     value = os.environ.get(BACKEND_ENV_VAR, "auto").strip().lower() or "auto"
     if value != "auto" and value not in BACKENDS:
         raise ValueError(f"unknown sam2_fast backend {value!r} in the environment variable {BACKEND_ENV_VAR}: "
                          f"expected one of 'auto', {', '.join(map(repr, BACKENDS))}")
+    if not torch.compiler.is_compiling():
+        _environment_backend = value
     return value
 
 
