@@ -83,8 +83,11 @@ def extension_build():
 ext_modules, cmdclass = extension_build()
 
 setup(
+    # sam2_fast/kernels is a link to the top-level kernels/ folder, which has no __init__.py: run from the
+    # repository root, ``import kernels`` must not find a package of ours under that name (it would shadow Hugging
+    # Face's ``kernels`` package, which transformers looks for). find_packages skips a folder without __init__.py,
+    # so it is named here.
     packages=[*find_packages(include=["sam2_fast", "sam2_fast.*"]), "sam2_fast.kernels"],
-    package_dir={"sam2_fast": "sam2_fast", "sam2_fast.kernels": "kernels"},
     package_data={"sam2_fast.io.sam2_configs": ["*/*.yaml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -62,3 +62,25 @@ def test_traced_code_reuses_the_backend_read_eagerly(monkeypatch):
         tracing.setattr(torch.compiler, "is_compiling", lambda: True)
         assert ops.get_backend() == "torch"
     assert ops.get_backend() == "extension"  # eager code reads it again
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_the_triton_sources_do_not_shadow_a_kernels_package():
+    # The Triton sources sit in the top-level kernels/ folder, installed as sam2_fast.kernels. Run from the repository
+    # root, `import kernels` must not find them as a package: transformers looks for Hugging Face's `kernels`
+    # package and imports whatever that name finds. A folder without __init__.py is at most an empty namespace,
+    # which transformers recognises as no package, and an installed `kernels` (transformers depends on it) wins.
+    code = ("import importlib.util\n"
+            "spec = importlib.util.find_spec('kernels')\n"
+            "print(spec is None or spec.origin is None or 'site-packages' in spec.origin)\n"
+            "import sam2_fast.kernels.launch\n"
+            "print(sam2_fast.kernels.launch.__file__.startswith(__import__('os').getcwd()))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "True"]
+    pytest.importorskip("transformers")
+    result = subprocess.run([sys.executable, "-c", "import transformers; transformers.Sam2Model"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr

@@ -127,10 +127,22 @@ def _probe_triton() -> Tuple[Optional[str], Dict[str, Callable], Dict[str, Calla
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed", {}, {}
     try:
-        from ..kernels import BACKWARD_LAUNCHERS, KERNEL_LAUNCHERS
+        from ..kernels.attention_backward import attention_backward
+        from ..kernels.fpn_upsample_add import fpn_upsample_add
+        from ..kernels.fpn_upsample_add_backward import fpn_upsample_add_backward
+        from ..kernels.global_attention import global_attention
+        from ..kernels.maxpool2x2 import maxpool2x2
+        from ..kernels.maxpool2x2_backward import maxpool2x2_backward
+        from ..kernels.window_attention import window_attention
     except Exception as error:  # a broken triton install must not break the package
         return f"the Triton kernels failed to import ({type(error).__name__}: {error})", {}, {}
-    return None, dict(KERNEL_LAUNCHERS), dict(BACKWARD_LAUNCHERS)
+    # Each launcher takes the same arguments as the op's torch implementation; one attention backward serves both
+    # attentions (window_size 0: global).
+    forward = {"window_attention": window_attention, "global_attention": global_attention,
+               "maxpool2x2": maxpool2x2, "fpn_upsample_add": fpn_upsample_add}
+    backward = {"window_attention": attention_backward, "global_attention": attention_backward,
+                "maxpool2x2": maxpool2x2_backward, "fpn_upsample_add": fpn_upsample_add_backward}
+    return None, forward, backward
 
 
 def _probe_extension() -> Tuple[Optional[str], Dict[str, Callable], Tuple[str, ...], Dict[str, Tuple[str, ...]]]:
