@@ -15,6 +15,7 @@ from torch._dynamo.backends.common import aot_autograd
 import sam2_fast
 from sam2_fast.backends import extension as _extension, torch_ops
 from sam2_fast import ops
+from sam2_fast.ops import registry, specs
 from sam2_fast.testing.reference import build_reference_encoder
 
 from helpers import (
@@ -23,8 +24,9 @@ from helpers import (
 )
 
 # Backends with a backward (kernel or formula) for some op on CPU.
-BACKENDS = sorted({backend for (_, backend, device_type) in ops._BACKWARDS if device_type == "cpu"
-                   and ops._unavailable_reason("maxpool2x2", backend, "cpu") is None})
+BACKENDS = sorted({backend for (_, backend, device_type) in registry._BACKWARDS if device_type == "cpu"
+                   and ops.backend_status("cpu")[backend]["maxpool2x2"] == "available"})
+REFERENCES = {spec.name: spec.reference for spec in specs.OP_SPECS}
 if not BACKENDS:
     pytest.skip("no backend with a CPU backward kernel here (the C++ extension is not built)", allow_module_level=True)
 
@@ -35,8 +37,8 @@ class _KernelBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, op, backend, *inputs):
-        output = ops._DIFFERENTIABLE[op][0](*inputs)
-        ctx.backward, ctx.inputs, ctx.output = ops._BACKWARDS[(op, backend, "cpu")], inputs, output
+        output = REFERENCES[op](*inputs)
+        ctx.backward, ctx.inputs, ctx.output = registry._BACKWARDS[(op, backend, "cpu")], inputs, output
         return output
 
     @staticmethod
@@ -45,7 +47,7 @@ class _KernelBackward(torch.autograd.Function):
 
 
 def _claims(op: str, backend: str) -> bool:
-    return (op, backend, "cpu") in ops._BACKWARDS
+    return (op, backend, "cpu") in registry._BACKWARDS
 
 
 # (B, H, W, heads, head_dim, window, q_pool, add_bias, with_bias): padding on one or both sides, an odd head_dim,
@@ -97,7 +99,7 @@ def test_active_backward_names_the_kernels(backend):
     with sam2_fast.use_backend(backend):
         status = sam2_fast.active_backward("cpu")
     for op in ("window_attention", "global_attention", "maxpool2x2", "fpn_upsample_add"):
-        found = ops._BACKWARDS.get((op, backend, "cpu"))
+        found = registry._BACKWARDS.get((op, backend, "cpu"))
         expected = "recompute" if found is None else (f"{backend} kernel" if found.kind == "kernel" else "formula")
         assert status[op] == expected, op
     assert status["bias_gelu_"] == status["sine_position_encoding"] == "none"

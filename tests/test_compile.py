@@ -9,7 +9,7 @@ from sam2_fast import ops
 from helpers import flat_outputs, seeded_state
 
 # Backends that run on CPU here (triton is tested under the interpreter in its own process).
-CPU_BACKENDS = [b for b in ("torch", "extension") if ops._unavailable_reason("maxpool2x2", b, "cpu") is None]
+CPU_BACKENDS = [b for b in ("torch", "extension") if ops.backend_status("cpu")[b]["maxpool2x2"] == "available"]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from helpers import assert_clear_of_max_pool_ties, assert_close_verbose, encoder
 # fp32: the folded forms add the same terms in another order (residual + bias first, then the GEMM), so they may
 # differ from the plain sequence by a few ulps of the result, ~1e-6 relative at these sizes.
 FP32_ATOL = 1e-5
-CPU_BACKENDS = [b for b in ("torch", "extension") if ops._unavailable_reason("bias_gelu_", b, "cpu") is None]
+CPU_BACKENDS = [b for b in ("torch", "extension") if ops.backend_status("cpu")[b]["bias_gelu_"] == "available"]
 
 
 def _operands(rows=(3, 5, 7), in_features=24, out_features=40, seed=0):

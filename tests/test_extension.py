@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import sam2_fast
 from sam2_fast.backends import extension as _extension, torch_ops
 from sam2_fast import ops
+from sam2_fast.ops import dispatch, registry, specs
 
 from helpers import (
     assert_close_verbose,
@@ -714,7 +715,7 @@ def test_opcheck(op, args):
 
 def test_every_op_has_a_cpu_kernel_and_opcheck_sample():
     ids = {sample.id.removesuffix("_q_pool").removesuffix("_add_bias") for sample in _opcheck_samples()}
-    assert ids == set(ops.OPS)
+    assert ids == {spec.name for spec in specs.OP_SPECS if spec.extension} == set(ops.OPS)
     for name in ops.OPS:
         assert "cpu" in _extension.kernel_device_types(name), name
 
@@ -739,11 +740,11 @@ def test_export_traces_through_the_fakes():
 def test_extension_kernels_are_known_per_device(monkeypatch):
     # The dispatcher says which device kernels were registered: this build has CPU kernels for every op.
     for op in ops.OPS:
-        assert _extension.kernel_device_types(op) == ops._EXTENSION_KERNEL_DEVICES[op] == ("cpu",), op
+        assert _extension.kernel_device_types(op) == dispatch._EXTENSION_KERNEL_DEVICES[op] == ("cpu",), op
     # A CUDA build has no CUDA attention kernels (Triton's job): under an explicit "extension" those ops run on
     # torch, the ones it has run on the extension, and the backend still runs the whole encoder.
-    monkeypatch.setattr(ops, "_EXTENSION_DEVICES", ("cpu", "cuda"))
-    monkeypatch.setattr(ops, "_EXTENSION_KERNEL_DEVICES",
+    monkeypatch.setattr(dispatch, "_EXTENSION_DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(dispatch, "_EXTENSION_KERNEL_DEVICES",
                         {op: ("cpu",) if op.endswith("attention") else ("cpu", "cuda") for op in ops.OPS})
     with sam2_fast.use_backend("extension"):
         assert ops.resolve_backend("window_attention", "cuda") == "torch"
@@ -754,7 +755,7 @@ def test_extension_kernels_are_known_per_device(monkeypatch):
 
 
 def test_cpu_only_build_cannot_run_on_cuda(monkeypatch):
-    monkeypatch.setattr(ops, "_EXTENSION_DEVICES", ("cpu",))
+    monkeypatch.setattr(dispatch, "_EXTENSION_DEVICES", ("cpu",))
     with sam2_fast.use_backend("extension"), pytest.raises(sam2_fast.BackendUnavailableError,
                                                            match="built for cpu, not cuda"):
         ops.resolve_backend("maxpool2x2", "cuda")
@@ -855,7 +856,7 @@ def test_the_model_calls_the_extension_ops_themselves_with_their_autograd(monkey
     def custom_op(*args):
         raise AssertionError("custom op called")
 
-    monkeypatch.setattr(ops, "_window_attention_op", custom_op)
+    monkeypatch.setitem(registry._CUSTOM_OPS, "window_attention", custom_op)
     qkv = torch.randn(1, 9, 6, 3 * 2 * 5, requires_grad=True)
     bias = torch.nn.Parameter(torch.randn(3 * 2 * 5))  # as the model passes its qkv bias
     grad_out = torch.randn(1, 4, 3, 2 * 5)

@@ -61,7 +61,7 @@ def _check_fp32_and_bf16_autocast(reference, ours, x: torch.Tensor, backend: str
 def test_backends_resolve_to_their_cuda_kernels():
     with sam2_fast.use_backend("auto"):
         resolved = ops.active_backends("cuda")
-    # Global attention: torch's flash SDPA measured faster than the Triton kernel (see ops._AUTO_ORDER_BY_OP).
+    # Global attention: torch's flash SDPA measured faster than the Triton kernel (see the auto_order of sam2_fast.ops.specs.GLOBAL_ATTENTION).
     assert resolved["window_attention"] == "triton" and resolved["global_attention"] == "torch", resolved
     with sam2_fast.use_backend("triton"):
         assert ops.active_backends("cuda")["global_attention"] == "triton"

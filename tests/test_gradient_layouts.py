@@ -30,7 +30,7 @@ from helpers import (
     recorded_max_pool_inputs, seeded_state,
 )
 
-CPU_BACKENDS = [b for b in ("torch", "extension") if ops._unavailable_reason("window_attention", b, "cpu") is None]
+CPU_BACKENDS = [b for b in ("torch", "extension") if ops.backend_status("cpu")[b]["window_attention"] == "available"]
 LIBRARIES = ("onednn", "blas")
 
 # bf16 autocast: twice the reference's own bf16-autocast error, with a floor of 1% of the gradient's magnitude

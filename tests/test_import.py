@@ -52,9 +52,10 @@ def test_traced_code_reuses_the_backend_read_eagerly(monkeypatch):
     import torch
 
     from sam2_fast import ops
+    from sam2_fast.ops import dispatch
 
-    monkeypatch.setattr(ops, "_requested_backend", None)
-    monkeypatch.setattr(ops, "_environment_backend", None)
+    monkeypatch.setattr(dispatch, "_requested_backend", None)
+    monkeypatch.setattr(dispatch, "_environment_backend", None)
     monkeypatch.setenv("SAM2_FAST_BACKEND", "torch")
     assert ops.get_backend() == "torch"
     monkeypatch.setenv("SAM2_FAST_BACKEND", "extension")

@@ -11,6 +11,7 @@ from sam2.modeling.position_encoding import PositionEmbeddingSine as ReferenceSi
 import sam2_fast
 from sam2_fast import ops
 from sam2_fast.backends import torch_ops
+from sam2_fast.ops import dispatch, specs
 
 from helpers import (
     assert_close_verbose, assert_error_within, assert_max_pool_gaps_exceed, global_rng_seeded, q_pool_input,
@@ -119,7 +120,8 @@ def _leaf(*shape, seed: int) -> torch.Tensor:
     return _randn(*shape, seed=seed, dtype=torch.float64).requires_grad_(True)
 
 
-# opcheck compares each op with its fake and with itself traced: the same implementation on the same values.
+# opcheck compares each op with its fake and with itself traced: the same implementation on the same values. One
+# case per custom op the specs derive (every op with a Triton kernel).
 OPCHECK_CASES = {
     "window_attention": lambda: (_leaf(1, 5, 3, 3 * 4, seed=16), _leaf(3 * 4, seed=17), 2, 4, True, True, "torch"),
     "global_attention": lambda: (_leaf(1, 4, 6, 3 * 8, seed=18), 2, True, "torch"),
@@ -128,7 +130,11 @@ OPCHECK_CASES = {
 }
 
 
-@pytest.mark.parametrize("op", list(OPCHECK_CASES))
+def test_every_custom_op_has_an_opcheck_case():
+    assert set(OPCHECK_CASES) == {spec.name for spec in specs.OP_SPECS if spec.triton}
+
+
+@pytest.mark.parametrize("op", [spec.name for spec in specs.OP_SPECS if spec.triton])
 def test_custom_op_registration_opcheck(op):
     # Checks schema, fake (meta) implementation, autograd registration and dispatch of each sam2_fast custom op.
     options = {}
@@ -179,7 +185,7 @@ def test_backend_selection():
     assert set(status["torch"].values()) == {"available"}
 
 
-@pytest.mark.skipif(ops._triton_runs_on("cpu"), reason="under TRITON_INTERPRET=1 triton does run on CPU")
+@pytest.mark.skipif(dispatch._triton_runs_on("cpu"), reason="under TRITON_INTERPRET=1 triton does run on CPU")
 def test_explicit_unavailable_backend_names_what_is_missing():
     with sam2_fast.use_backend("triton"), pytest.raises(sam2_fast.BackendUnavailableError, match="cannot run maxpool2x2: "):
         ops.maxpool2x2(torch.zeros(1, 2, 2, 1))
@@ -211,9 +217,9 @@ def test_encoder_gradients_flow():
 
 def test_auto_takes_torch_for_global_attention_on_cuda(monkeypatch):
     # Measured: torch's flash SDPA beats the Triton global kernel on CUDA, so auto takes torch for that op only.
-    monkeypatch.setattr(ops, "_TRITON_REASON", None)
-    monkeypatch.setattr(ops, "_TRITON_LAUNCHERS", {"window_attention": None, "global_attention": None})
-    monkeypatch.setattr(ops, "_triton_runs_on", lambda device_type: device_type == "cuda")
+    monkeypatch.setattr(dispatch, "_TRITON_REASON", None)
+    monkeypatch.setattr(dispatch, "_TRITON_LAUNCHERS", {"window_attention": None, "global_attention": None})
+    monkeypatch.setattr(dispatch, "_triton_runs_on", lambda device_type: device_type == "cuda")
     with sam2_fast.use_backend("auto"):
         assert ops.resolve_backend("global_attention", "cuda") == "torch"
         assert ops.resolve_backend("window_attention", "cuda") == "triton"
@@ -224,9 +230,9 @@ def test_auto_takes_torch_for_global_attention_on_cuda(monkeypatch):
 def test_explicit_backend_runs_ops_it_has_no_kernel_for_on_torch(monkeypatch):
     # The Triton backend has no sine-encoding kernel (it is computed once per size and cached): asking for
     # "triton" must still run a whole encoder, with that op on torch.
-    monkeypatch.setattr(ops, "_TRITON_REASON", None)
-    monkeypatch.setattr(ops, "_TRITON_LAUNCHERS", {"maxpool2x2": None})
-    monkeypatch.setattr(ops, "_triton_runs_on", lambda device_type: device_type == "cuda")
+    monkeypatch.setattr(dispatch, "_TRITON_REASON", None)
+    monkeypatch.setattr(dispatch, "_TRITON_LAUNCHERS", {"maxpool2x2": None})
+    monkeypatch.setattr(dispatch, "_triton_runs_on", lambda device_type: device_type == "cuda")
     with sam2_fast.use_backend("triton"):
         assert ops.resolve_backend("sine_position_encoding", "cuda") == "torch"
         assert ops.resolve_backend("maxpool2x2", "cuda") == "triton"

@@ -19,7 +19,7 @@ from helpers import (
 )
 
 
-CPU_BACKENDS = [b for b in ("torch", "extension") if ops._unavailable_reason("window_attention", b, "cpu") is None]
+CPU_BACKENDS = [b for b in ("torch", "extension") if ops.backend_status("cpu")[b]["window_attention"] == "available"]
 # sam2 and sam2.1 build the same encoder modules (configs.py): one name per architecture.
 ARCHITECTURES = [f"sam2.1_hiera_{size}" for size in SIZES]
 

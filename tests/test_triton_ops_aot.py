@@ -21,6 +21,7 @@ triton = pytest.importorskip("triton")
 
 import sam2_fast  # noqa: E402
 from sam2_fast import ops  # noqa: E402
+from sam2_fast.ops import dispatch, registry  # noqa: E402
 from triton_aot import MAX_SHARED_BYTES, assert_fits_shared_memory, compile_in_workers, compile_kernel  # noqa: E402
 
 KERNEL_MODULES = ("window_attention", "global_attention", "maxpool2x2", "fpn_upsample_add")
@@ -124,9 +125,9 @@ CASES = [(label, dtype) for dtype in (torch.bfloat16, torch.float32) for label i
 
 @pytest.fixture(autouse=True)
 def triton_on_fake_cuda(monkeypatch):
-    if not ops._TRITON_OPS:
-        pytest.skip(f"no triton_op forms here: {ops._TRITON_REASON or 'triton interpreted'}")
-    monkeypatch.setattr(ops, "_triton_runs_on", lambda device_type: device_type == "cuda")
+    if not registry._TRITON_OPS:
+        pytest.skip(f"no triton_op forms here: {dispatch._TRITON_REASON or 'triton interpreted'}")
+    monkeypatch.setattr(dispatch, "_triton_runs_on", lambda device_type: device_type == "cuda")
 
 
 @pytest.mark.parametrize("label,dtype", CASES, ids=[f"{label}-{TRITON_DTYPE_NAMES[d]}" for label, d in CASES])
@@ -142,7 +143,7 @@ def test_traced_launches_are_the_aot_compiled_variants(label, dtype):
 
 
 def _compile_traced(label: str, dtype_name: str, capability: int) -> int:
-    ops._triton_runs_on = lambda device_type: device_type == "cuda"
+    dispatch._triton_runs_on = lambda device_type: device_type == "cuda"
     dtype = {name: d for d, name in TRITON_DTYPE_NAMES.items()}[dtype_name]
     fn, example_args = _model_calls(dtype)[label]
     ((kernel, arguments, options),) = _traced_launches(fn, *example_args)[0]

@@ -2,8 +2,9 @@
 
 The extension registers its ops with ``TORCH_LIBRARY`` in the ``sam2_fast_ext`` namespace (schemas in
 csrc/ops.cpp, kernels in csrc/cpu/<family>/<op>.cpp and csrc/cuda/<op>.cu). Loading it is optional: if it is
-missing or broken, :func:`load_error` says why and sam2_fast runs on its other backends. Once it is loaded, each op gets its fake (meta)
-implementation here, so that ``torch.compile(fullgraph=True)`` and ``torch.export`` can trace through it.
+missing or broken, :func:`load_error` says why and sam2_fast runs on its other backends. The op layer registers each
+op's fake (meta) implementation and autograd formula from its spec (:mod:`sam2_fast.ops.specs`), so that
+``torch.compile(fullgraph=True)`` and ``torch.export`` can trace through it.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ import os
 from typing import Optional, Tuple
 
 import torch
-
-from . import shapes as op_shapes
 
 DISABLE_ENV_VAR = "SAM2_FAST_DISABLE_EXT"
 
@@ -32,35 +31,7 @@ def _load() -> Tuple[Optional[str], Tuple[str, ...]]:
         )
     except Exception as error:  # e.g. an undefined symbol after a torch upgrade
         return f"the C++ extension sam2_fast._C failed to load ({type(error).__name__}: {error})", ()
-    devices = ("cpu", "cuda") if module.built_with_cuda() else ("cpu",)
-    _register_fakes()
-    return None, devices
-
-
-def _register_fakes() -> None:
-    """Fake (meta) implementations of the sam2_fast_ext ops, the same as the sam2_fast custom ops'."""
-    torch.library.register_fake("sam2_fast_ext::window_attention")(
-        lambda qkv, qkv_bias, num_heads, window_size, q_pool, add_bias=False: op_shapes.window_attention_output(
-            qkv, num_heads, window_size, q_pool
-        )
-    )
-    torch.library.register_fake("sam2_fast_ext::global_attention")(
-        lambda qkv, num_heads, q_pool: op_shapes.attention_output(qkv, num_heads, q_pool)
-    )
-    torch.library.register_fake("sam2_fast_ext::attention_backward")(op_shapes.attention_backward_outputs)
-    torch.library.register_fake("sam2_fast_ext::maxpool2x2")(op_shapes.maxpool2x2_output)
-    torch.library.register_fake("sam2_fast_ext::maxpool2x2_backward")(
-        lambda grad_out, x: x.new_empty(x.shape)
-    )
-    torch.library.register_fake("sam2_fast_ext::fpn_upsample_add")(op_shapes.fpn_upsample_add_output)
-    torch.library.register_fake("sam2_fast_ext::bias_gelu_")(op_shapes.check_bias_gelu)
-    torch.library.register_fake("sam2_fast_ext::linear")(op_shapes.linear_output)
-    torch.library.register_fake("sam2_fast_ext::linear_weight_grad")(op_shapes.linear_weight_grad_outputs)
-    torch.library.register_fake("sam2_fast_ext::sine_position_encoding")(
-        lambda height, width, num_pos_feats, temperature, normalize, scale, device: (
-            op_shapes.sine_position_encoding_output(height, width, num_pos_feats, device)
-        )
-    )
+    return None, ("cpu", "cuda") if module.built_with_cuda() else ("cpu",)
 
 
 _LOAD_ERROR, _DEVICE_TYPES = _load()

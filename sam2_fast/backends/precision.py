@@ -1,5 +1,5 @@
 """Low precision on CPUs: which bf16/fp16 units this CPU has (the GEMM policy, :mod:`sam2_fast.gemm.policy`, emulates
-bf16/fp16 GEMMs in fp32 where it has none; the op layer does the same for the torch backend's attention).
+bf16/fp16 GEMMs in fp32 where it has none; the torch backend's attention, in :mod:`.torch_ops`, does the same).
 
 On CPUs without bf16/fp16 matrix units (AVX2, AVX-512 without BF16) ATen's bf16/fp16 GEMMs, convolutions and SDPA
 run several times slower than fp32 ones. Those GEMMs accumulate in fp32 and round the result once, so computing them
@@ -67,13 +67,6 @@ def _cpu_has_native(dtype: torch.dtype) -> bool:
 
 
 CPU_NATIVE_LOW_PRECISION = {dtype: _cpu_has_native(dtype) for dtype in (torch.bfloat16, torch.float16)}
-
-
-def emulated_attention_dtype(qkv: torch.Tensor) -> Optional[torch.dtype]:
-    """For the torch backend's attention: the low-precision dtype to run in fp32 (SDPA's GEMMs), or None."""
-    if qkv.device.type != "cpu" or CPU_NATIVE_LOW_PRECISION.get(qkv.dtype, True):
-        return None
-    return qkv.dtype
 
 
 def rounded_fp32(tensor: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:

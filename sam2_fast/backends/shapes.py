@@ -1,12 +1,14 @@
-"""Output shapes and argument checks of the ops, shared by every fake (meta) implementation: the sam2_fast custom
-ops' (ops.py) and the C++ extension's (_extension.py). ``torch._check`` keeps them usable with symbolic shapes."""
+"""Output shapes and argument checks of the ops, shared by every fake (meta) implementation the op layer registers
+(the ``sam2_fast`` custom ops' and the C++ extension's ``sam2_fast_ext`` ops'). Each takes exactly its op's
+arguments, in order (each op's spec in :mod:`sam2_fast.ops.specs` names its function here); ``torch._check`` keeps
+them usable with symbolic shapes."""
 
 from __future__ import annotations
 
 import torch
 
 
-def attention_output(qkv: torch.Tensor, num_heads: int, q_pool: bool) -> torch.Tensor:
+def global_attention_output(qkv: torch.Tensor, num_heads: int, q_pool: bool) -> torch.Tensor:
     """An empty (B, H', W', dim) result for a (B, H, W, 3 * dim) qkv map; H', W' halved (floor) by q_pool."""
     torch._check(qkv.dim() == 4, lambda: f"expected qkv of shape (B, H, W, 3 * dim), got {tuple(qkv.shape)}")
     torch._check(
@@ -57,15 +59,23 @@ def queries_per_window(window_size: int, q_pool: bool) -> int:
     return (window_size // 2) ** 2 if q_pool else window_size**2
 
 
-def window_attention_output(qkv: torch.Tensor, num_heads: int, window_size: int, q_pool: bool) -> torch.Tensor:
+def window_attention_output(
+    qkv: torch.Tensor, qkv_bias, num_heads: int, window_size: int, q_pool: bool, add_bias: bool = False
+) -> torch.Tensor:
+    """As :func:`global_attention_output`, for windows of ``window_size`` (even with q_pool)."""
     torch._check(window_size > 0, lambda: f"window_size must be positive, got {window_size}")
     torch._check(not q_pool or window_size % 2 == 0, lambda: f"q_pool needs an even window_size, got {window_size}")
-    return attention_output(qkv, num_heads, q_pool)
+    return global_attention_output(qkv, num_heads, q_pool)
 
 
 def maxpool2x2_output(x: torch.Tensor) -> torch.Tensor:
     torch._check(x.dim() == 4, lambda: f"expected a (B, H, W, C) map, got shape {tuple(x.shape)}")
     return x.new_empty(x.shape[0], x.shape[1] // 2, x.shape[2] // 2, x.shape[3])
+
+
+def maxpool2x2_backward_output(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x's gradient: x's shape and dtype."""
+    return x.new_empty(x.shape)
 
 
 def fpn_upsample_add_output(lateral: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
@@ -76,6 +86,16 @@ def fpn_upsample_add_output(lateral: torch.Tensor, prev: torch.Tensor) -> torch.
         f"{tuple(prev.shape)}",
     )
     return lateral.new_empty(lateral.shape, dtype=torch.promote_types(lateral.dtype, torch.float32))
+
+
+def fpn_upsample_add_backward_output(grad: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    """prev's gradient (the 2x2 sums of ``grad``): prev's shape and dtype."""
+    torch._check(
+        grad.dim() == 4 and prev.dim() == 4 and grad.shape[2] == 2 * prev.shape[2]
+        and grad.shape[3] == 2 * prev.shape[3],
+        lambda: f"expected grad (B, C, 2h, 2w) and prev (B, C, h, w), got {tuple(grad.shape)} and {tuple(prev.shape)}",
+    )
+    return prev.new_empty(prev.shape)
 
 
 def check_bias_gelu(x: torch.Tensor, bias) -> None:
@@ -89,5 +109,9 @@ def check_bias_gelu(x: torch.Tensor, bias) -> None:
         )
 
 
-def sine_position_encoding_output(height: int, width: int, num_pos_feats: int, device: torch.device) -> torch.Tensor:
+def sine_position_encoding_output(
+    height: int, width: int, num_pos_feats: int, temperature: float, normalize: bool, scale: float,
+    device: torch.device,
+) -> torch.Tensor:
+    """The (1, 2 * num_pos_feats, height, width) fp32 encoding."""
     return torch.empty(1, 2 * num_pos_feats, height, width, dtype=torch.float32, device=device)

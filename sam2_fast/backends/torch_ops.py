@@ -5,6 +5,9 @@ function reproduces what the `sam2` package computes, step for step where the st
 after norm1 shows up here as padded tokens whose q, k and v equal the qkv bias), and is written to be short and
 obviously right rather than fast.
 
+Where the torch backend runs something other than the plain function, it is here too, named for what it adds: the
+attentions ``*_emulating_low_precision`` run in fp32 on CPUs without units for bf16/fp16 (at the end of the file).
+
 Layouts (channels-last, as Hiera keeps its activations):
 - ``qkv``: (B, H, W, 3 * dim), the qkv projection's output; its last dim splits as (3, num_heads, head_dim).
 - attention outputs: (B, H_out, W_out, dim) with dim = num_heads * head_dim, before the output projection.
@@ -12,10 +15,12 @@ Layouts (channels-last, as Hiera keeps its activations):
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+
+from .precision import CPU_NATIVE_LOW_PRECISION, rounded_fp32
 
 
 def _split_heads_pool_q(qkv: torch.Tensor, num_heads: int, q_pool: bool):
@@ -151,3 +156,44 @@ def sine_position_encoding(
         dim=2,
     )
     return pos.permute(2, 0, 1).reshape(1, channels, height, width).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What the torch backend runs for the attentions. On CPUs without bf16/fp16 units ATen's SDPA in those dtypes runs
+# several times slower than in fp32; its products accumulate in fp32 and round once, so running it in fp32 on the
+# rounded operands and rounding the result gives the same numbers up to summation order, much sooner.
+
+def emulated_attention_dtype(qkv: torch.Tensor) -> Optional[torch.dtype]:
+    """qkv's dtype where the torch backend runs its attention in fp32 instead (a bf16/fp16 qkv on a CPU without
+    units for it), else None."""
+    if qkv.device.type != "cpu" or CPU_NATIVE_LOW_PRECISION.get(qkv.dtype, True):
+        return None
+    return qkv.dtype
+
+
+def _in_fp32_where_emulated(attention: Callable, qkv: torch.Tensor, *args) -> torch.Tensor:
+    """``attention(qkv, *args)``, in fp32 on operands rounded to qkv's dtype where :func:`emulated_attention_dtype`
+    says so, the result rounded back to it."""
+    dtype = emulated_attention_dtype(qkv)
+    if dtype is None:
+        return attention(qkv, *args)
+    with torch.autocast("cpu", enabled=False):
+        out = attention(qkv.float(), *(rounded_fp32(a, dtype) if isinstance(a, torch.Tensor) else a for a in args))
+    return out.to(dtype)
+
+
+def window_attention_emulating_low_precision(
+    qkv: torch.Tensor, qkv_bias: Optional[torch.Tensor], num_heads: int, window_size: int, q_pool: bool,
+    add_bias: bool = False,
+) -> torch.Tensor:
+    """The torch backend's window_attention: :func:`window_attention`, with the bias added in qkv's dtype first
+    (``add_bias``), in fp32 where :func:`emulated_attention_dtype` says so."""
+    if add_bias:
+        qkv = add_qkv_bias(qkv, qkv_bias)
+    return _in_fp32_where_emulated(window_attention, qkv, qkv_bias, num_heads, window_size, q_pool)
+
+
+def global_attention_emulating_low_precision(qkv: torch.Tensor, num_heads: int, q_pool: bool) -> torch.Tensor:
+    """The torch backend's global_attention: :func:`global_attention`, in fp32 where
+    :func:`emulated_attention_dtype` says so."""
+    return _in_fp32_where_emulated(global_attention, qkv, num_heads, q_pool)
