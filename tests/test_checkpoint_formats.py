@@ -1,10 +1,6 @@
 """Other libraries' SAM-2 encoder weights (Hugging Face transformers, timm) load into sam2_fast and give the
 reference's outputs; a file of no known layout gets an error naming the layouts tried."""
 
-import contextlib
-import os
-import sys
-
 import pytest
 import torch
 
@@ -14,33 +10,18 @@ from sam2_fast.io.checkpoint_formats import FORMATS
 from sam2_fast.io.configs import get_config
 from sam2_fast.testing.reference import build_reference_encoder
 
+import needs_torchvision
 from helpers import FP32_RELATIVE_TOLERANCE, assert_close_verbose, flat_outputs, randomize_
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
-
-REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@contextlib.contextmanager
-def _repository_root_off_sys_path():
-    """The repository's top-level ``kernels/`` folder (installed as ``sam2_fast.kernels``) would be found as the
-    Hugging Face ``kernels`` package that transformers probes for while it imports its models, whenever the
-    repository root is on sys.path (``python -m pytest`` from it)."""
-    saved = sys.path[:]
-    sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != REPOSITORY_ROOT]
-    try:
-        yield
-    finally:
-        sys.path[:] = saved
 
 
 def _transformers_vision_model(name: str, whole_model: bool):
     """A Hugging Face transformers Sam2 model with config ``name``'s encoder, seeded random weights, eval mode:
     ``Sam2Model`` (the encoder under ``vision_encoder``) or ``Sam2VisionModel``."""
-    with _repository_root_off_sys_path():
-        transformers = pytest.importorskip("transformers")
-        config_classes = (transformers.Sam2HieraDetConfig, transformers.Sam2VisionConfig, transformers.Sam2Config)
-        model_classes = (transformers.Sam2VisionModel, transformers.Sam2Model)
+    transformers = pytest.importorskip("transformers")
+    config_classes = (transformers.Sam2HieraDetConfig, transformers.Sam2VisionConfig, transformers.Sam2Config)
+    model_classes = (transformers.Sam2VisionModel, transformers.Sam2Model)
     hiera_config_class, vision_config_class, model_config_class = config_classes
     config = get_config(name)
     widths = [config.embed_dim * 2**stage for stage in range(len(config.stages))]
@@ -94,17 +75,9 @@ def test_transformers_weights_give_its_and_the_reference_outputs(tmp_path, name,
     _assert_outputs_close(actual, expected)
 
 
-def _timm():
-    try:
-        import timm
-    except ImportError as error:
-        pytest.skip(f"timm does not import here ({error}); it needs torchvision, which has no CPU build for this torch")
-    return timm
-
-
 @pytest.mark.parametrize("features_only", [False, True])
 def test_timm_trunk_weights_give_its_and_the_reference_outputs(tmp_path, features_only):
-    timm = _timm()
+    timm = needs_torchvision.import_module("timm")
     peer = randomize_(timm.create_model("sam2_hiera_tiny", pretrained=False, features_only=features_only), 13).eval()
     path = tmp_path / "timm.pth"
     torch.save(peer.state_dict(), path)

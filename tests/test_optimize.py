@@ -9,6 +9,7 @@ import torch
 import sam2_fast
 from sam2_fast import ops
 
+import needs_torchvision
 from helpers import (FP32_RELATIVE_TOLERANCE, assert_close_verbose, check_low_precision_outputs, flat_outputs,
                      global_rng_seeded, randomize_)
 
@@ -155,12 +156,7 @@ def test_unrecognised_image_encoder_names_what_was_expected():
 
 
 def _image_predictor_class():
-    try:
-        from sam2.sam2_image_predictor import SAM2ImagePredictor
-    except ImportError as error:
-        pytest.skip(f"sam2.sam2_image_predictor does not import here ({error}): it needs torchvision, which has no "
-                    "CPU build for this torch")
-    return SAM2ImagePredictor
+    return needs_torchvision.import_module("sam2.sam2_image_predictor").SAM2ImagePredictor
 
 
 @pytest.mark.slow
