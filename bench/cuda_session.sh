@@ -19,11 +19,13 @@
 #        workers on every core, and the step has its own time limit;
 #     9. time to the first output in a fresh process: eager, torch.compile cold and warm, the reference compiled,
 #        the AOT package, capture;
-#    10. the training step (forward + backward), reference vs sam2_fast with and without activation checkpointing:
+#    10. transformers' Sam2Model.get_image_embeddings before and after sam2_fast.optimize (tiny 1024, batch 1; needs
+#        transformers installed);
+#    11. the training step (forward + backward), reference vs sam2_fast with and without activation checkpointing:
 #        base_plus 1024, batch 4, bf16 autocast (whatever time is left, at most 60 s).
 #
 # STEPS overrides the call's step list (triton_tests gpu_tests bench_eager profile bench_compile gpu_compile_tests
-# bench_autotune cold_start train_step); GPU_TESTS_K narrows the GPU tests (a pytest -k expression). Every step has its own time limit inside
+# bench_autotune cold_start transformers_embeddings train_step); GPU_TESTS_K narrows the GPU tests (a pytest -k expression). Every step has its own time limit inside
 # BUDGET_S, so a hang or a slow compile costs only its own step. Logs and results go to $OUT (default
 # ./cuda-session-out): log.txt, build.log, and one folder per benchmark; copy them under bench/results/ after.
 # Usage: CALL=1 bash bench/cuda_session.sh    (from the repository root, with python3 holding a CUDA torch; on a
@@ -37,7 +39,7 @@ if [[ "$CALL" == 1 ]]; then
     STEPS=${STEPS:-triton_tests gpu_tests bench_eager profile bench_compile}
 else
     BUDGET_S=${BUDGET_S:-240}
-    STEPS=${STEPS:-gpu_compile_tests bench_autotune cold_start train_step}
+    STEPS=${STEPS:-gpu_compile_tests bench_autotune cold_start transformers_embeddings train_step}
 fi
 GPU_TESTS_K=${GPU_TESTS_K:-not compiled and not exported}
 wanted() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -146,6 +148,13 @@ if wanted cold_start; then
     timeout "$(limit 120)" $PY -m bench.cold_start --device cuda --config base_plus --size 1024 \
         --dtype bf16-autocast --out "$OUT/cold-start"
     echo "cold start rc $?"
+fi
+
+if wanted transformers_embeddings; then
+    step "transformers Sam2Model.get_image_embeddings before and after sam2_fast.optimize: tiny 1024, batch 1 (needs transformers)"
+    timeout "$(limit 45)" $PY -m bench.transformers_embeddings --device cuda --config tiny --size 1024 --rounds 10 \
+        --out "$OUT/transformers-embeddings"
+    echo "transformers embeddings rc $?"
 fi
 
 if wanted train_step; then

@@ -221,12 +221,9 @@ class CudaGraphImageEncoder(ImageEncoder):
                 copies[id(tensor)] = tensor.clone()
             return copies[id(tensor)]
 
-        static = captured.static_output
-        return {
-            "vision_features": output(static["vision_features"]),
-            "vision_pos_enc": [output(t) for t in static["vision_pos_enc"]],
-            "backbone_fpn": [output(t) for t in static["backbone_fpn"]],
-        }
+        # Every entry the encoder returns (an optimized transformers encoder adds the trunk's last stage).
+        return {name: [output(t) for t in value] if isinstance(value, list) else output(value)
+                for name, value in captured.static_output.items()}
 
 
 def capture_cuda_graphs(

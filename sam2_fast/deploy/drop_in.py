@@ -5,6 +5,9 @@ sharing its weights.
     sam2_fast.optimize(model)                 # or a SAM2ImagePredictor / SAM2VideoPredictor
     model.forward_image(images)               # the reference's outputs, from sam2_fast's encoder
 
+Hugging Face transformers' ``Sam2Model``, ``Sam2VideoModel`` and ``Sam2VisionModel`` are handled in
+:mod:`sam2_fast.deploy.transformers_models` (imported only when such a model is passed).
+
 Our encoder is built from the reference encoder's own hyperparameters (read off the built modules, so any
 config works, not only the named ones), and its parameters are then pointed at the reference's Parameter
 objects: nothing is copied, and the model's state_dict, checkpoints and optimizers see the same tensors.
@@ -26,7 +29,8 @@ from ..model.position_encoding import PositionEmbeddingSine
 EXPECTED_MODEL = (
     "a SAM-2 model (sam2.modeling.sam2_base.SAM2Base, as built by sam2.build_sam.build_sam2 or "
     "build_sam2_video_predictor, or a SAM2VideoPredictor) or a predictor holding one in .model "
-    "(sam2.sam2_image_predictor.SAM2ImagePredictor)"
+    "(sam2.sam2_image_predictor.SAM2ImagePredictor), or a Hugging Face transformers SAM-2 model "
+    "(transformers.Sam2Model, Sam2VideoModel or Sam2VisionModel)"
 )
 # torch.compile arguments for ``compile=True``: one graph per input shape, no graph breaks (none are needed).
 DEFAULT_COMPILE_OPTIONS = {"fullgraph": True, "dynamic": False}
@@ -52,13 +56,14 @@ class OptimizedImageEncoder(ImageEncoder):
 
     def _forward_in_compute_dtype(self, sample: torch.Tensor) -> Dict[str, object]:
         if self.compute_dtype is None or sample.dtype == self.compute_dtype:
-            return super().forward(sample)
-        out = super().forward(sample.to(self.compute_dtype))
-        return {
-            "vision_features": out["vision_features"].to(sample.dtype),
-            "vision_pos_enc": [pos.to(sample.dtype) for pos in out["vision_pos_enc"]],
-            "backbone_fpn": [features.to(sample.dtype) for features in out["backbone_fpn"]],
-        }
+            return self._encode(sample)
+        out = self._encode(sample.to(self.compute_dtype))
+        return {name: [tensor.to(sample.dtype) for tensor in value] if isinstance(value, list)
+                else value.to(sample.dtype) for name, value in out.items()}
+
+    def _encode(self, sample: torch.Tensor) -> Dict[str, object]:
+        """The output dict, in the dtype of ``sample``; a subclass may add entries (tensors or lists of them)."""
+        return super().forward(sample)
 
 
 def _reference_classes() -> Mapping[str, type]:
@@ -131,9 +136,14 @@ def _position_encoding_arguments(position_encoding: nn.Module) -> dict:
     )
 
 
-def _share_tensors(source: nn.Module, target: nn.Module) -> None:
-    """Point every parameter and buffer of ``target`` at ``source``'s tensor of the same name (same structure)."""
-    source_tensors = {**dict(source.named_parameters()), **dict(source.named_buffers())}
+def module_tensors(module: nn.Module) -> Dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``module`` by name."""
+    return {**dict(module.named_parameters()), **dict(module.named_buffers())}
+
+
+def share_tensors(source_tensors: Mapping[str, torch.Tensor], target: nn.Module) -> None:
+    """Point every parameter and buffer of ``target`` at the tensor of the same name in ``source_tensors`` (the
+    model's own Parameter objects: nothing is copied)."""
     target_shapes = {name: tuple(t.shape) for name, t in (*target.named_parameters(), *target.named_buffers())}
     source_shapes = {name: tuple(t.shape) for name, t in source_tensors.items()}
     if target_shapes != source_shapes:
@@ -164,7 +174,7 @@ def fast_image_encoder(encoder: nn.Module) -> OptimizedImageEncoder:
             FpnNeck(position_encoding, **_neck_arguments(encoder.neck)),
             scalp=encoder.scalp,
         )
-    _share_tensors(encoder, fast)
+    share_tensors(module_tensors(encoder), fast)
     return fast.train(encoder.training)
 
 
@@ -194,7 +204,10 @@ def optimize(
 
     ``model``: a ``SAM2Base`` (``build_sam2``, ``build_sam2_video_predictor``) or a predictor whose ``.model``
     is one (``SAM2ImagePredictor``). The new encoder shares the old one's parameter tensors (no copy), so
-    ``model.forward_image`` returns the reference's outputs and ``model.state_dict()`` is unchanged.
+    ``model.forward_image`` returns the reference's outputs and ``model.state_dict()`` is unchanged. Or a Hugging
+    Face transformers ``Sam2Model``, ``Sam2VideoModel`` or ``Sam2VisionModel``: its vision encoder's forward is then
+    computed by sam2_fast's encoder, on the same tensors, with transformers' outputs (see
+    :mod:`sam2_fast.deploy.transformers_models`).
 
     ``backend``: ``"auto"``, ``"torch"``, ``"triton"`` or ``"extension"`` for this encoder's ops (None: the
     process-wide setting); raises :class:`~sam2_fast.BackendUnavailableError` if it cannot run on the model's
@@ -208,8 +221,22 @@ def optimize(
     if compile and capture:
         raise ValueError("sam2_fast.optimize: compile and capture are two ways to the same end; pick one (compile "
                          "mode='reduce-overhead' also CUDA-graphs the encoder)")
+    from . import transformers_models  # imports transformers only if the caller already has
+
+    vision_model = transformers_models.vision_model_of(model)
+    if vision_model is not None:
+        transformers_models.install(vision_model, backend=backend, dtype=dtype, compile=compile, capture=capture)
+        return model
     sam2_model = _sam2_model(model)
-    encoder = fast_image_encoder(sam2_model.image_encoder)
+    sam2_model.image_encoder = configure(fast_image_encoder(sam2_model.image_encoder), backend=backend, dtype=dtype,
+                                         compile=compile, capture=capture)
+    return model
+
+
+def configure(encoder: OptimizedImageEncoder, *, backend: Optional[str], dtype: Optional[torch.dtype],
+              compile: Union[bool, Mapping[str, object]], capture: Union[bool, Mapping[str, object]]) -> nn.Module:
+    """``encoder`` set up with :func:`optimize`'s options: the module to call (the encoder itself, compiled in place,
+    or its CUDA-graph wrapper)."""
     if backend is not None:
         device_type = next(encoder.parameters()).device.type
         if not ops.runs_whole_encoder(backend, device_type):
@@ -224,6 +251,5 @@ def optimize(
     if compile:
         encoder.compile(**(DEFAULT_COMPILE_OPTIONS if compile is True else dict(compile)))
     if capture:
-        encoder = capture_cuda_graphs(encoder, **({} if capture is True else dict(capture)))
-    sam2_model.image_encoder = encoder
-    return model
+        return capture_cuda_graphs(encoder, **({} if capture is True else dict(capture)))
+    return encoder

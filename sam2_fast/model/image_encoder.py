@@ -106,7 +106,11 @@ class ImageEncoder(nn.Module):
             )
 
     def forward(self, sample: torch.Tensor) -> Dict[str, object]:
-        features, pos = self.neck(self.trunk(sample))
+        return self.neck_outputs(self.trunk(sample))
+
+    def neck_outputs(self, stages: List[torch.Tensor]) -> Dict[str, object]:
+        """The output dict for the trunk's stage outputs ``stages`` (finest first)."""
+        features, pos = self.neck(stages)
         if self.scalp > 0:
             features, pos = features[: -self.scalp], pos[: -self.scalp]
         return {"vision_features": features[-1], "vision_pos_enc": pos, "backbone_fpn": features}
