@@ -1,7 +1,9 @@
 // The sam2_fast_ext operator library: schemas of every op, and the Python module stub sam2_fast._C.
 //
-// Each op takes exactly the arguments of its plain-PyTorch reference in sam2_fast/torch_ops.py, in that order.
-// Kernels live one file per op per device: csrc/<op>.cpp (CPU) and csrc/cuda/<op>.cu (CUDA).
+// Each op takes exactly the arguments of its plain-PyTorch reference in sam2_fast/backends/torch_ops.py, in that
+// order; its spec in sam2_fast/ops/specs.py writes the same schema (a Python-defined op says SymInt for int), and
+// tests/test_op_specs.py checks that the two agree. Kernels live one file per op per device: csrc/cpu/<family>/<op>.cpp
+// (CPU) and csrc/cuda/<op>.cu (CUDA).
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/TensorOptions.h>
