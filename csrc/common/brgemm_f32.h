@@ -1,5 +1,5 @@
 // ATen's fp32 brgemm (oneDNN's micro-kernels from AVX2 up): whether it can be used here, and the strides its operands
-// get.
+// get; the correctness check of its fp32 and bf16 forms.
 #pragma once
 
 #include <algorithm>
@@ -15,6 +15,12 @@ bool brgemm_f32_usable();
 
 // Raises unless brgemm_f32_usable(), naming `op`: the entry check of the kernels that need it.
 void check_brgemm_f32_usable(const char* op);
+
+// Whether ATen's brgemm computes a small product correctly here (it raises where oneDNN's micro-kernels are not built
+// or not supported): `scalar_t` float in plain row-major layout, or c10::BFloat16 with B in VNNI layout, as the
+// kernels call it. Not cached: each user checks once (brgemm_f32_usable, bf16_matrix_units_usable).
+template <typename scalar_t>
+bool brgemm_computes_small_product();
 
 // The row stride of a matrix with n columns: n, or a little more where n columns make a multiple of 1 KB (fp32),
 // whose rows would all fall into the same few cache sets (at 1024 keys the attention backward's products ran about

@@ -454,7 +454,6 @@ std::tuple<at::Tensor, at::Tensor> attention_backward_cpu(
   const bool brgemm = acc_type == at::kFloat && brgemm_attention_backward();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "attention_backward_cpu", [&] {
-    using acc_t = acc_of<scalar_t>;
     const BackwardProblem<scalar_t> problem{
         qkv.const_data_ptr<scalar_t>(), qkv.stride(0), qkv.stride(1), qkv.stride(2),
         bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, add_bias,

@@ -14,6 +14,7 @@
 #include <exception>
 #include <string>
 
+#include "common/brgemm_f32.h"
 #include "common/cpu_utils.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -107,31 +108,6 @@ void scale_out_row(float*, int64_t, float) { no_row_kernels(); }
 
 #endif  // SAM2_FAST_BF16_ROW_KERNELS
 
-// Whether ATen's brgemm computes a small bf16 product in VNNI layout correctly here (it raises where oneDNN's
-// micro-kernels are not built or not supported).
-bool brgemm_bf16_works() {
-  constexpr int64_t m = 3, n = 5, k = 4;
-  c10::BFloat16 a[m * k], b_vnni[k * n];
-  float expected[m * n] = {}, c[m * n] = {};
-  for (int64_t i = 0; i < m; ++i) {
-    for (int64_t p = 0; p < k; ++p) a[i * k + p] = c10::BFloat16(static_cast<float>(i + p));
-  }
-  for (int64_t p = 0; p < k; ++p) {
-    for (int64_t j = 0; j < n; ++j) {
-      const float value = static_cast<float>(p - j);
-      b_vnni[(p / 2) * 2 * n + 2 * j + p % 2] = c10::BFloat16(value);
-      for (int64_t i = 0; i < m; ++i) expected[i * n + j] += static_cast<float>(i + p) * value;
-    }
-  }
-  try {
-    at::native::cpublas::brgemm(m, n, k, k, n, n, false, a, b_vnni, c, true);
-    at::native::cpublas::brgemm_release(true);
-  } catch (const std::exception&) {
-    return false;
-  }
-  return std::equal(c, c + m * n, expected);
-}
-
 // The row kernels need AVX512-BF16; AMX (without it, on no CPU made so far) would not be enough. They also need ATen
 // to run AVX-512 code itself: capping it (ATEN_CPU_CAPABILITY=avx2 or default) caps them with it, so that a capped
 // run exercises the fp32 core and ATen's AVX2 kernels on an AVX-512 CPU, as it would run on an AVX2 one.
@@ -152,7 +128,7 @@ std::atomic<bool> matrix_attention_enabled{true};
 }  // namespace
 
 bool bf16_matrix_units_usable() {
-  static const bool hardware = cpu_has_bf16_units() && brgemm_bf16_works();
+  static const bool hardware = cpu_has_bf16_units() && brgemm_computes_small_product<c10::BFloat16>();
   return hardware && at::globalContext().userEnabledMkldnn();
 }
 
