@@ -31,6 +31,7 @@
 // baseline ISA, picked at load time.
 
 #include "cpu/attention/attention_backward.h"
+#include "cpu/attention/window_tasks.h"
 #include "common/brgemm_f32.h"
 #include "common/transpose.h"
 
@@ -154,18 +155,6 @@ SAM2_FAST_INLINE scalar_t add_rounded(scalar_t value, scalar_t bias) {
   return static_cast<scalar_t>(static_cast<acc_of<scalar_t>>(value) + static_cast<acc_of<scalar_t>>(bias));
 }
 
-// Where one task's problem sits: a window of the map (or, for global attention, the whole map).
-struct TaskWindow {
-  int64_t b, head;
-  int64_t y0, x0;              // the window's first token
-  int64_t in_h, in_w;          // its tokens inside the map
-  int64_t padding;             // its tokens beyond the map (all equal: one key weighted by the count)
-  int64_t kept_h, kept_w;      // its queries that survive the crop
-  int64_t out_y0, out_x0;      // where its first query lands in the output
-  int64_t num_keys() const { return in_h * in_w + (padding > 0 ? 1 : 0); }
-  int64_t num_queries() const { return kept_h > 0 && kept_w > 0 ? kept_h * kept_w : 0; }
-};
-
 // dst[0:n] = src[0:n] (plus bias[0:n], rounded to scalar_t, unless bias is null) in the accumulation type.
 template <typename scalar_t, typename acc_t>
 SAM2_FAST_INLINE void read_row(const scalar_t* src, const scalar_t* bias, int64_t n, acc_t* dst) {
@@ -210,19 +199,9 @@ struct BackwardProblem {
   const scalar_t* out;
   scalar_t* grad_qkv;                    // contiguous (B, H, W, 3 * dim)
   double* bias_grads;                    // (ranges, 3 * dim), one row per range of tasks, summed in float64
-  int64_t height, width, dim, num_heads, head_dim, step, out_h, out_w;
-  int64_t window_h, window_w, out_window_h, out_window_w, rows, cols;  // the windows, and how many per column / row
-  int64_t max_keys, max_queries, block_rows;
+  WindowTasks tasks;                     // the windows, as the forward walked them
+  int64_t dim, head_dim, step, block_rows;
   bool q_pool, brgemm;
-
-  TaskWindow window(int64_t task) const {
-    const int64_t window = task / num_heads, row = (window / cols) % rows, col = window % cols;
-    const int64_t y0 = row * window_h, x0 = col * window_w;
-    const int64_t in_h = std::min(window_h, height - y0), in_w = std::min(window_w, width - x0);
-    const int64_t out_y0 = row * out_window_h, out_x0 = col * out_window_w;
-    return {window / (rows * cols), task % num_heads, y0, x0, in_h, in_w, window_h * window_w - in_h * in_w,
-            std::min(out_window_h, out_h - out_y0), std::min(out_window_w, out_w - out_x0), out_y0, out_x0};
-  }
 };
 
 // The gradients of tasks [begin, end) (see the top of the file), written into grad_qkv and bias row `range`.
@@ -231,16 +210,18 @@ SAM2_FAST_INLINE void backward_tasks(const BackwardProblem<scalar_t>& p, int64_t
   using acc_t = acc_of<scalar_t>;
   const Products<acc_t> product{p.brgemm};
   const int64_t head_dim = p.head_dim, dim = p.dim, step = p.step;
-  const int64_t max_keys = p.max_keys, max_queries = p.max_queries, block_rows = p.block_rows;
+  const int64_t max_keys = p.tasks.max_keys(), max_queries = p.tasks.max_queries(), block_rows = p.block_rows;
   const acc_t scale = static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(head_dim)));
   const scalar_t* added_bias = p.add_bias ? p.bias : nullptr;
   const auto token = [&](int64_t b, int64_t y, int64_t x) {
     return p.qkv + b * p.stride_b + y * p.stride_h + x * p.stride_w;
   };
   const auto grad_token = [&](int64_t b, int64_t y, int64_t x) {
-    return p.grad_qkv + ((b * p.height + y) * p.width + x) * 3 * dim;
+    return p.grad_qkv + ((b * p.tasks.height + y) * p.tasks.width + x) * 3 * dim;
   };
-  const auto out_offset = [&](int64_t b, int64_t y, int64_t x) { return ((b * p.out_h + y) * p.out_w + x) * dim; };
+  const auto out_offset = [&](int64_t b, int64_t y, int64_t x) {
+    return ((b * p.tasks.out_h + y) * p.tasks.out_w + x) * dim;
+  };
   const auto channels_of = [](const scalar_t* data, int64_t channel) { return data == nullptr ? data : data + channel; };
 
   // Row-major: keys and values (max_keys, head_dim), then their gradients there; K^T, V^T and the gradients dK^T,
@@ -260,7 +241,7 @@ SAM2_FAST_INLINE void backward_tasks(const BackwardProblem<scalar_t>& p, int64_t
   double* bias_grad = p.bias_grads + range * 3 * dim;
 
   for (int64_t task = begin; task < end; ++task) {
-    const TaskWindow w = p.window(task);
+    const TaskWindow w = p.tasks.window(task);
     const int64_t q_channel = w.head * head_dim, k_channel = dim + q_channel, v_channel = 2 * dim + q_channel;
     const int64_t num_keys = w.num_keys(), num_queries = w.num_queries(), in_map = w.in_h * w.in_w;
     const int64_t key_ld = padded_stride(num_keys), query_ld = padded_stride(num_queries);
@@ -418,11 +399,10 @@ std::tuple<at::Tensor, at::Tensor> attention_backward_cpu(
               window_size);
   TORCH_CHECK(!add_bias || qkv_bias.has_value(), "attention_backward: add_bias needs a qkv_bias, got None");
   const at::Tensor qkv = with_unit_channel_stride(qkv_in);
-  const bool global = window_size == 0;
   const int64_t batch = qkv.size(0), height = qkv.size(1), width = qkv.size(2), dim = qkv.size(3) / 3;
   const int64_t head_dim = dim / num_heads, step = q_pool ? 2 : 1;
-  const int64_t out_h = height / step, out_w = width / step;
-  const std::vector<int64_t> out_shape{batch, out_h, out_w, dim};
+  const WindowTasks tasks = WindowTasks::of(batch, height, width, num_heads, window_size, q_pool);
+  const std::vector<int64_t> out_shape{batch, tasks.out_h, tasks.out_w, dim};
   for (const auto& [name, tensor] : {std::pair{"grad_out", &grad_out_in}, std::pair{"out", &out_in}}) {
     check_sizes("attention_backward", name, *tensor, out_shape);
     check_dtype("attention_backward", name, *tensor, {qkv.scalar_type()});
@@ -436,13 +416,7 @@ std::tuple<at::Tensor, at::Tensor> attention_backward_cpu(
   }
   at::Tensor grad_qkv = at::empty(qkv.sizes(), qkv.options());
 
-  // Windows per map column and row, and their extent (the whole map for global attention).
-  const int64_t window_h = global ? height : window_size, window_w = global ? width : window_size;
-  const int64_t out_window_h = global ? out_h : window_size / step, out_window_w = global ? out_w : window_size / step;
-  const int64_t rows = global ? 1 : (height + window_size - 1) / window_size;
-  const int64_t cols = global ? 1 : (width + window_size - 1) / window_size;
-  const int64_t num_tasks = batch * rows * cols * num_heads;
-  const int64_t max_keys = window_h * window_w, max_queries = out_window_h * out_window_w;
+  const int64_t max_keys = tasks.max_keys(), max_queries = tasks.max_queries();
   const int64_t block_rows =
       std::min(max_queries, std::max(kMinQueryBlockRows, kScoreBlockElements / std::max<int64_t>(1, max_keys)));
   const at::ScalarType acc_type = qkv.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -459,14 +433,9 @@ std::tuple<at::Tensor, at::Tensor> attention_backward_cpu(
         bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, add_bias,
         grad_out.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(), grad_qkv.mutable_data_ptr<scalar_t>(),
         bias_grads.mutable_data_ptr<double>(),
-        height, width, dim, num_heads, head_dim, step, out_h, out_w,
-        window_h, window_w, out_window_h, out_window_w, rows, cols,
-        max_keys, max_queries, block_rows, q_pool, brgemm};
-    const auto task_cost = [&](int64_t task) -> int64_t {
-      const TaskWindow w = problem.window(task);
-      return (w.num_queries() + 2) * w.num_keys() * head_dim;
-    };
-    parallel_for_balanced(num_tasks, 1 << 18, task_cost,
+        tasks, dim, head_dim, step, block_rows, q_pool, brgemm};
+    const auto task_cost = [&](int64_t task) { return tasks.cost(task, head_dim); };
+    parallel_for_balanced(tasks.count, 1 << 18, task_cost,
                           [&](int64_t range, int64_t begin, int64_t end) {
                             run_backward_tasks(problem, range, begin, end);
                           });

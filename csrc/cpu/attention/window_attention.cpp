@@ -32,6 +32,7 @@
 
 #include "cpu/attention/attention_bf16.h"
 #include "cpu/attention/attention_core.h"
+#include "cpu/attention/window_tasks.h"
 #include "common/cpu_utils.h"
 #include "common/tensor_args.h"
 
@@ -270,44 +271,14 @@ at::Tensor window_attention_cpu(
     bias = qkv_bias->to(qkv.scalar_type()).contiguous();  // rounded to qkv's dtype, as the reference pads
   }
   fill = (bias.defined() && !add_bias) ? bias : at::zeros({3 * dim}, qkv.options());
-  const int64_t rows = (height + window_size - 1) / window_size, cols = (width + window_size - 1) / window_size;
-  const int64_t out_window = q_pool ? window_size / 2 : window_size;
-  const int64_t out_h = q_pool ? height / 2 : height, out_w = q_pool ? width / 2 : width;
+  const WindowTasks tasks = WindowTasks::of(batch, height, width, num_heads, window_size, q_pool);
+  const int64_t out_h = tasks.out_h, out_w = tasks.out_w;
   at::Tensor out = at::empty({batch, out_h, out_w, dim}, qkv.options());
   if (out.numel() == 0) return out;
 
-  const AttentionShape shape{out_window * out_window, window_size * window_size, head_dim};
+  const AttentionShape shape{tasks.max_queries(), tasks.max_keys(), head_dim};
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
-  const int64_t num_tasks = batch * rows * cols * num_heads;
-  // The rows and columns of output that window (row, col) keeps after the crop (<= 0: none; with q_pool a window
-  // holding a single row or column of the map pools to nothing).
-  const auto kept_extent = [&](int64_t row, int64_t col) -> std::pair<int64_t, int64_t> {
-    return {std::min(out_window, out_h - row * out_window), std::min(out_window, out_w - col * out_window)};
-  };
-  // The rows and columns of window (row, col) inside the map; the rest of its tokens are padding.
-  const auto in_map_extent = [&](int64_t row, int64_t col) -> std::pair<int64_t, int64_t> {
-    return {std::min(window_size, height - row * window_size), std::min(window_size, width - col * window_size)};
-  };
-  // The keys of a window with in_h x in_w tokens in the map: those, plus one for all its padding tokens if any.
-  const auto window_keys = [&](int64_t in_h, int64_t in_w) -> int64_t {
-    return in_h * in_w + (in_h * in_w < window_size * window_size ? 1 : 0);
-  };
-  // Task t is head t % num_heads of window t / num_heads; windows go row-major over each image, images in order.
-  struct TaskPlace {
-    int64_t b, row, col, head;
-  };
-  const auto place_of = [&](int64_t task) -> TaskPlace {
-    const int64_t window = task / num_heads;
-    return {window / (cols * rows), (window / cols) % rows, window % cols, task % num_heads};
-  };
-  // Attention of the kept queries plus reading the window's keys and values.
-  const auto task_cost = [&](int64_t task) -> int64_t {
-    const auto [b, row, col, head] = place_of(task);
-    const auto [kept_h, kept_w] = kept_extent(row, col);
-    const auto [in_h, in_w] = in_map_extent(row, col);
-    const int64_t kept_queries = kept_h > 0 && kept_w > 0 ? kept_h * kept_w : 0;
-    return (kept_queries + 2) * window_keys(in_h, in_w) * head_dim;
-  };
+  const auto task_cost = [&](int64_t task) { return tasks.cost(task, head_dim); };
 
   // Runs every task with a Solver (Fp32WindowSolver or Bf16WindowSolver), one per thread.
   const auto run_tasks = [&](auto solver_type, auto scalar) {
@@ -316,49 +287,44 @@ at::Tensor window_attention_cpu(
     const TokenReader<scalar_t> reader{qkv.const_data_ptr<scalar_t>(), fill.const_data_ptr<scalar_t>(),
                                        qkv.stride(0), qkv.stride(1), qkv.stride(2), height, width};
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    // Unpartition: query (qy, qx) of window (row, col) lands at (row * out_window + qy, col * out_window + qx); the
-    // head's channels start at `channel`.
-    const auto output_slice = [&](int64_t b, int64_t row, int64_t col, int64_t qy, int64_t qx, int64_t channel) {
-      return dst + ((b * out_h + row * out_window + qy) * out_w + col * out_window + qx) * dim + channel;
+    // Unpartition: query (qy, qx) of window w lands at (w.out_y0 + qy, w.out_x0 + qx); the head's channels start
+    // at `channel`.
+    const auto output_slice = [&](const TaskWindow& w, int64_t qy, int64_t qx, int64_t channel) {
+      return dst + ((w.b * out_h + w.out_y0 + qy) * out_w + w.out_x0 + qx) * dim + channel;
     };
     const scalar_t* added_bias = add_bias ? bias.const_data_ptr<scalar_t>() : nullptr;
-    parallel_for_balanced(num_tasks, 1 << 18, task_cost, [&](int64_t, int64_t begin, int64_t end) {
+    parallel_for_balanced(tasks.count, 1 << 18, task_cost, [&](int64_t, int64_t begin, int64_t end) {
       Solver solver(shape);
       std::vector<float> key_logit_offsets(shape.num_keys, 0.0f);
       for (int64_t task = begin; task < end; ++task) {
-        const auto [b, row, col, head] = place_of(task);
-        const int64_t y0 = row * window_size, x0 = col * window_size;
-        const int64_t q_offset = head * head_dim, k_offset = dim + q_offset, v_offset = 2 * dim + q_offset;
+        const TaskWindow w = tasks.window(task);
+        const int64_t q_offset = w.head * head_dim, k_offset = dim + q_offset, v_offset = 2 * dim + q_offset;
         const scalar_t* q_bias = added_bias == nullptr ? nullptr : added_bias + q_offset;
         const scalar_t* k_bias = added_bias == nullptr ? nullptr : added_bias + k_offset;
         const scalar_t* v_bias = added_bias == nullptr ? nullptr : added_bias + v_offset;
         // The task kPrefetchTasksAhead later in this thread's range (with a few heads: the next window's same
         // head) has its inputs fetched while this one computes; one task ahead leaves too little time.
         if (task + kPrefetchTasksAhead < end) {
-          const TaskPlace ahead = place_of(task + kPrefetchTasksAhead);
+          const TaskWindow ahead = tasks.window(task + kPrefetchTasksAhead);
           const int64_t ahead_offset = ahead.head * head_dim;
-          reader.prefetch_head(ahead.b, ahead.row * window_size, ahead.col * window_size, window_size, dim,
-                               ahead_offset, head_dim);
+          reader.prefetch_head(ahead.b, ahead.y0, ahead.x0, window_size, dim, ahead_offset, head_dim);
           // Its output slices too, for writing: the unpartition's scattered stores otherwise stall on their misses.
-          const auto [ahead_h, ahead_w] = kept_extent(ahead.row, ahead.col);
-          for (int64_t qy = 0; qy < ahead_h; ++qy) {
-            for (int64_t qx = 0; qx < ahead_w; ++qx) {
-              prefetch_into_l2<1>(output_slice(ahead.b, ahead.row, ahead.col, qy, qx, ahead_offset), head_dim);
+          for (int64_t qy = 0; qy < ahead.kept_h; ++qy) {
+            for (int64_t qx = 0; qx < ahead.kept_w; ++qx) {
+              prefetch_into_l2<1>(output_slice(ahead, qy, qx, ahead_offset), head_dim);
             }
           }
         }
         // Only the queries that survive the crop are computed (padding tokens still attend as keys): in a window
         // that overhangs the map, query (qy, qx) is row qy * valid_w + qx of the packed problem.
-        const auto [valid_h, valid_w] = kept_extent(row, col);
-        if (valid_h <= 0 || valid_w <= 0) continue;
+        if (w.num_queries() == 0) continue;
+        const int64_t valid_w = w.kept_w, in_w = w.in_w, padding = w.padding;
         // Keys: the window's in_h x in_w tokens inside the map, row by row, then its padding tokens as one key.
-        const auto [in_h, in_w] = in_map_extent(row, col);
-        const int64_t padding = window_size * window_size - in_h * in_w;
-        const AttentionShape task_shape{valid_h * valid_w, window_keys(in_h, in_w), head_dim};
+        const AttentionShape task_shape{w.num_queries(), w.num_keys(), head_dim};
         solver.begin(task_shape);
-        for (int64_t wy = 0; wy < in_h; ++wy) {
+        for (int64_t wy = 0; wy < w.in_h; ++wy) {
           for (int64_t wx = 0; wx < in_w; ++wx) {
-            const scalar_t* token = reader.token(b, y0 + wy, x0 + wx);
+            const scalar_t* token = reader.token(w.b, w.y0 + wy, w.x0 + wx);
             solver.key_value(wy * in_w + wx, token + k_offset, token + v_offset, k_bias, v_bias);
           }
         }
@@ -367,16 +333,16 @@ at::Tensor window_attention_cpu(
           key_logit_offsets[task_shape.num_keys - 1] = std::log(static_cast<float>(padding));
         }
         const int64_t step = q_pool ? 2 : 1;
-        for (int64_t qy = 0; qy < valid_h; ++qy) {
+        for (int64_t qy = 0; qy < w.kept_h; ++qy) {
           for (int64_t qx = 0; qx < valid_w; ++qx) {
-            solver.query(qy * valid_w + qx, reader, b, y0 + step * qy, x0 + step * qx, q_pool, q_offset, q_bias);
+            solver.query(qy * valid_w + qx, reader, w.b, w.y0 + step * qy, w.x0 + step * qx, q_pool, q_offset, q_bias);
           }
         }
         solver.solve(scale, padding > 0 ? key_logit_offsets.data() : nullptr);
         if (padding > 0) key_logit_offsets[task_shape.num_keys - 1] = 0.0f;
-        for (int64_t qy = 0; qy < valid_h; ++qy) {
+        for (int64_t qy = 0; qy < w.kept_h; ++qy) {
           for (int64_t qx = 0; qx < valid_w; ++qx) {
-            solver.write_output(qy * valid_w + qx, output_slice(b, row, col, qy, qx, q_offset));
+            solver.write_output(qy * valid_w + qx, output_slice(w, qy, qx, q_offset));
           }
         }
       }
