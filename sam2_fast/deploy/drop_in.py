@@ -212,8 +212,9 @@ def optimize(
     ``backend``: ``"auto"``, ``"torch"``, ``"triton"`` or ``"extension"`` for this encoder's ops (None: the
     process-wide setting); raises :class:`~sam2_fast.BackendUnavailableError` if it cannot run on the model's
     device. ``dtype``: run the encoder with its weights cast to this dtype (e.g. ``torch.bfloat16``), taking and
-    returning the model's dtype. ``compile``: ``torch.compile`` the encoder (``True``: fullgraph, one graph per
-    input shape; a dict: those torch.compile arguments). The model's own ``compile_image_encoder`` applied to the
+    returning the model's dtype; the weights are shared, so the model's own encoder parameters (and its
+    ``state_dict()``) hold that dtype afterwards. ``compile``: ``torch.compile`` the encoder (``True``: fullgraph,
+    one graph per input shape; a dict: those torch.compile arguments). The model's own ``compile_image_encoder`` applied to the
     replaced encoder only: pass ``compile`` here instead. ``capture``: replay CUDA graphs of the encoder
     (:func:`sam2_fast.capture_cuda_graphs`; ``True`` or a dict of its arguments), for inference on CUDA without a
     compile step; not together with ``compile``.
