@@ -16,7 +16,7 @@ import torch.nn as nn
 from torch.nn.modules import module as module_hooks
 
 from .. import ops
-from ..model.image_encoder import ImageEncoder
+from ..model.image_encoder import ImageEncoder, map_outputs
 
 # Modules that keep tensors between calls (the trunk's resized positional embedding, the neck's position
 # encodings) say so with two methods, which a captured encoder asks: ``cached_tensors()``, the tensors a recorded
@@ -222,8 +222,7 @@ class CudaGraphImageEncoder(ImageEncoder):
             return copies[id(tensor)]
 
         # Every entry the encoder returns (an optimized transformers encoder adds the trunk's last stage).
-        return {name: [output(t) for t in value] if isinstance(value, list) else output(value)
-                for name, value in captured.static_output.items()}
+        return map_outputs(captured.static_output, output)
 
 
 def capture_cuda_graphs(

@@ -23,7 +23,7 @@ import torch.nn as nn
 from .. import ops
 from .capture import capture_cuda_graphs
 from ..model.hiera import Hiera
-from ..model.image_encoder import FpnNeck, ImageEncoder
+from ..model.image_encoder import FpnNeck, ImageEncoder, map_outputs
 from ..model.position_encoding import PositionEmbeddingSine
 
 EXPECTED_MODEL = (
@@ -57,9 +57,7 @@ class OptimizedImageEncoder(ImageEncoder):
     def _forward_in_compute_dtype(self, sample: torch.Tensor) -> Dict[str, object]:
         if self.compute_dtype is None or sample.dtype == self.compute_dtype:
             return self._encode(sample)
-        out = self._encode(sample.to(self.compute_dtype))
-        return {name: [tensor.to(sample.dtype) for tensor in value] if isinstance(value, list)
-                else value.to(sample.dtype) for name, value in out.items()}
+        return map_outputs(self._encode(sample.to(self.compute_dtype)), lambda tensor: tensor.to(sample.dtype))
 
     def _encode(self, sample: torch.Tensor) -> Dict[str, object]:
         """The output dict, in the dtype of ``sample``; a subclass may add entries (tensors or lists of them)."""
@@ -214,8 +212,8 @@ def optimize(
     device. ``dtype``: run the encoder with its weights cast to this dtype (e.g. ``torch.bfloat16``), taking and
     returning the model's dtype; the weights are shared, so the model's own encoder parameters (and its
     ``state_dict()``) hold that dtype afterwards. ``compile``: ``torch.compile`` the encoder (``True``: fullgraph,
-    one graph per input shape; a dict: those torch.compile arguments). The model's own ``compile_image_encoder`` applied to the
-    replaced encoder only: pass ``compile`` here instead. ``capture``: replay CUDA graphs of the encoder
+    one graph per input shape; a dict: those torch.compile arguments). The model's own ``compile_image_encoder``
+    applied to the replaced encoder only: pass ``compile`` here instead. ``capture``: replay CUDA graphs of the encoder
     (:func:`sam2_fast.capture_cuda_graphs`; ``True`` or a dict of its arguments), for inference on CUDA without a
     compile step; not together with ``compile``.
     """

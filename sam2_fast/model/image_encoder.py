@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -114,3 +114,8 @@ class ImageEncoder(nn.Module):
         if self.scalp > 0:
             features, pos = features[: -self.scalp], pos[: -self.scalp]
         return {"vision_features": features[-1], "vision_pos_enc": pos, "backbone_fpn": features}
+
+
+def map_outputs(outputs: Dict[str, object], fn: Callable[[torch.Tensor], torch.Tensor]) -> Dict[str, object]:
+    """An encoder's output dict with ``fn`` applied to each of its tensors (an entry is a tensor or a list of them)."""
+    return {name: [fn(t) for t in value] if isinstance(value, list) else fn(value) for name, value in outputs.items()}
