@@ -110,6 +110,19 @@ def summarize(samples: Sequence[float]) -> Dict[str, float]:
     }
 
 
+def timing_fields(samples: Sequence[float], per: int) -> dict:
+    """A result row's timing entries: the samples (seconds per call), their median and 20th/80th percentiles, and
+    those in milliseconds per image for calls of ``per`` images."""
+    stats = summarize(samples)
+    return {
+        "samples_s": list(samples),
+        "median_s": stats["median"], "p20_s": stats["p20"], "p80_s": stats["p80"],
+        "median_ms_per_image": 1e3 * stats["median"] / per,
+        "p20_ms_per_image": 1e3 * stats["p20"] / per,
+        "p80_ms_per_image": 1e3 * stats["p80"] / per,
+    }
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Peak memory
 

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from .matrix import Impl, Matrix, check_matrix, parse_list
 from .measure import (
-    EXTRA_WARMUP_CALLS, cpu_line, device_name, environment, summarize, utc_now, warm_up, write_rows_and_markdown,
+    EXTRA_WARMUP_CALLS, cpu_line, device_name, environment, timing_fields, utc_now, warm_up, write_rows_and_markdown,
 )
 from .report import interleaved_samples
 from .workloads import EncoderSet, build_encoder, seeded_image, short_name
@@ -293,10 +293,7 @@ def measure_case(config: str, size: int, batch: int, systems: Sequence[System], 
     del prepared, callables, openvino_model
     gc.collect()
     for name, row in rows.items():
-        stats = summarize(samples[name])
-        row.update(samples_s=samples[name], median_s=stats["median"], p20_s=stats["p20"], p80_s=stats["p80"],
-                   median_ms_per_image=1e3 * stats["median"] / batch, p20_ms_per_image=1e3 * stats["p20"] / batch,
-                   p80_ms_per_image=1e3 * stats["p80"] / batch)
+        row.update(timing_fields(samples[name], batch))
     reference_median = rows["reference"]["median_s"] if "reference" in rows else None
     for row in rows.values():
         row["speedup_vs_reference"] = reference_median / row["median_s"] if reference_median else None

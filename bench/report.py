@@ -29,7 +29,7 @@ from . import matrix as bench_matrix
 from .matrix import Impl, Matrix
 from .measure import (
     CPU_MEMORY_METHOD, CUDA_MEMORY_METHOD, EXTRA_WARMUP_CALLS, calibrate, cpu_line, cpu_forward_peak_bytes, cuda_forward_peak_bytes, dtype_label,
-    environment, rooflines, summarize, time_calls, utc_now, warm_up,
+    environment, rooflines, time_calls, timing_fields, utc_now, warm_up,
 )
 from .workloads import (
     BENCH_OPS, COMPILE_MODE_ENV_VAR, COMPILE_MODES, EncoderSet, build_encoder, compile_mode, feature_outputs,
@@ -117,17 +117,6 @@ def _add_speedups(rows: List[dict]) -> None:
             row[key] = medians[baseline] / row["median_s"] if baseline in medians else None
 
 
-def _timing_fields(samples: List[float], per: int) -> dict:
-    stats = summarize(samples)
-    return {
-        "samples_s": samples,
-        "median_s": stats["median"], "p20_s": stats["p20"], "p80_s": stats["p80"],
-        "median_ms_per_image": 1e3 * stats["median"] / per,
-        "p20_ms_per_image": 1e3 * stats["p20"] / per,
-        "p80_ms_per_image": 1e3 * stats["p80"] / per,
-    }
-
-
 def bench_encoder_case(encoders: EncoderSet, impls: List[Impl], image: torch.Tensor, expected, rounds: int,
                        measure_memory: bool, progress) -> List[dict]:
     device = encoders.device
@@ -153,7 +142,7 @@ def bench_encoder_case(encoders: EncoderSet, impls: List[Impl], image: torch.Ten
     progress.set_postfix_str(f"{short_name(encoders.config)} {image_size} b{batch} {encoders.dtype}: timing")
     samples = interleaved_samples(callables, iterations, rounds, device, progress)
     for name, row in rows.items():
-        row.update(_timing_fields(samples[name], batch))
+        row.update(timing_fields(samples[name], batch))
         row["images_per_s"] = batch / row["median_s"]
     if measure_memory:
         progress.set_postfix_str(f"{short_name(encoders.config)} {image_size} b{batch} {encoders.dtype}: memory")
@@ -203,7 +192,7 @@ def bench_op_case(case, impls: List[Impl], dtype: torch.dtype, context: dict, ro
     progress.set_postfix_str(f"{case.op} {case.site} {dtype_label(dtype)}: timing")
     samples = interleaved_samples(callables, iterations, rounds, device, progress)
     for name, row in rows.items():
-        row.update(_timing_fields(samples[name], 1))
+        row.update(timing_fields(samples[name], 1))
         row.update(_op_roofline(case, dtype, row["median_s"], peaks))
         if device.type == "cuda":
             row["peak_memory_bytes"] = cuda_forward_peak_bytes(callables[name], device)

@@ -21,8 +21,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from tqdm import tqdm
 
-from .measure import (EXTRA_WARMUP_CALLS, calibrate, cpu_line, device_name, environment, summarize, utc_now, warm_up,
-                      write_rows_and_markdown)
+from .measure import (EXTRA_WARMUP_CALLS, calibrate, cpu_line, device_name, environment, timing_fields, utc_now,
+                      warm_up, write_rows_and_markdown)
 from .report import interleaved_samples
 
 IMPLS = ("transformers", "transformers + sam2_fast")
@@ -73,9 +73,8 @@ def measure(args: argparse.Namespace) -> List[dict]:
         samples = interleaved_samples(calls, {impl: row["iterations_per_sample"] for impl, row in rows.items()},
                                       args.rounds, device, progress)
     for impl, row in rows.items():
-        stats = summarize(samples[impl])
-        row.update(config=args.config, size=args.size, batch=args.batch, dtype=args.dtype, samples_s=samples[impl],
-                   median_s=stats["median"], p20_s=stats["p20"], p80_s=stats["p80"],
+        row.update(config=args.config, size=args.size, batch=args.batch, dtype=args.dtype,
+                   **timing_fields(samples[impl], args.batch),
                    rel_error=relative_error(outputs[impl], outputs[IMPLS[0]]))
     for row in rows.values():
         row["speedup"] = rows[IMPLS[0]]["median_s"] / row["median_s"]

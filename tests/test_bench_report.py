@@ -24,7 +24,7 @@ def _encoder_rows(impl_samples, dtype="fp32", batch=2):
         row = {"kind": "encoder", "config": "tiny", "image_size": 512, "batch": batch, "dtype": dtype, "impl": impl,
                "backends": None, "first_call_s": 1.5, "iterations_per_sample": 1, "rel_error": 1e-6,
                "rel_error_output": "backbone_fpn[2]", "peak_memory_bytes": 64 * 2**20, "memory_method": "fake"}
-        row.update(report._timing_fields(samples, batch))
+        row.update(measure.timing_fields(samples, batch))
         row["images_per_s"] = batch / row["median_s"]
         rows.append(row)
     report._add_speedups(rows)
@@ -36,7 +36,7 @@ def _op_row(impl, seconds, flops=None, bytes_moved=None):
     case = type("Case", (), {"flops": flops, "bytes_moved": bytes_moved})
     row = {"kind": "op", "config": "tiny", "image_size": 512, "batch": 1, "op": "maxpool2x2", "site": "stage2",
            "shape": "x 1x128x128x192", "dtype": "fp32", "impl": impl, "first_call_s": 0.01, "rel_error": 0.0}
-    row.update(report._timing_fields([seconds] * 3, 1))
+    row.update(measure.timing_fields([seconds] * 3, 1))
     row.update(report._op_roofline(case, torch.float32, row["median_s"], peaks))
     return row
 
