@@ -49,7 +49,6 @@ bool brgemm_computes_small_product() {
 template bool brgemm_computes_small_product<float>();
 template bool brgemm_computes_small_product<c10::BFloat16>();
 
-
 bool brgemm_f32_usable() {
   static const bool works = brgemm_computes_small_product<float>();
   return works && at::globalContext().userEnabledMkldnn();
