@@ -9,45 +9,25 @@ from sam2_fast import CheckpointError, build_image_encoder, load_checkpoint
 from sam2_fast.io.checkpoint_formats import FORMATS
 from sam2_fast.io.configs import get_config
 from sam2_fast.testing.reference import build_reference_encoder
+from sam2_fast.testing.transformers_models import build_transformers_model
 
 import needs_torchvision
-from helpers import FP32_RELATIVE_TOLERANCE, assert_close_verbose, flat_outputs, randomize_
+from helpers import assert_fp32_close, flat_outputs, randomize_
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 
 def _transformers_vision_model(name: str, whole_model: bool):
-    """A Hugging Face transformers Sam2 model with config ``name``'s encoder, seeded random weights, eval mode:
-    ``Sam2Model`` (the encoder under ``vision_encoder``) or ``Sam2VisionModel``."""
-    transformers = pytest.importorskip("transformers")
-    config_classes = (transformers.Sam2HieraDetConfig, transformers.Sam2VisionConfig, transformers.Sam2Config)
-    model_classes = (transformers.Sam2VisionModel, transformers.Sam2Model)
-    hiera_config_class, vision_config_class, model_config_class = config_classes
-    config = get_config(name)
-    widths = [config.embed_dim * 2**stage for stage in range(len(config.stages))]
-    backbone = hiera_config_class(
-        hidden_size=config.embed_dim,
-        num_attention_heads=config.num_heads,
-        blocks_per_stage=list(config.stages),
-        embed_dim_per_stage=widths,
-        num_attention_heads_per_stage=[config.num_heads * 2**stage for stage in range(len(config.stages))],
-        window_size_per_stage=list(config.window_spec),
-        global_attention_blocks=list(config.global_att_blocks),
-        window_positional_embedding_background_size=list(config.window_pos_embed_bkg_spatial_size),
-    )
-    vision_config = vision_config_class(backbone_config=backbone, backbone_channel_list=widths[::-1])
-    if whole_model:
-        model = model_classes[1](model_config_class(vision_config=vision_config))
-        randomize_(model.vision_encoder, seed=11)
-        return model.eval(), model.vision_encoder.eval()
-    model = randomize_(model_classes[0](vision_config), seed=11)
-    return model.eval(), model
+    """A Hugging Face transformers Sam2 model with config ``name``'s encoder, seeded random weights, eval mode, and
+    its vision model: ``Sam2Model`` (the encoder under ``vision_encoder``) or ``Sam2VisionModel``."""
+    pytest.importorskip("transformers")
+    model = build_transformers_model("Sam2Model" if whole_model else "Sam2VisionModel", name, seed=11)
+    return model, model.vision_encoder if whole_model else model
 
 
 def _assert_outputs_close(actual: dict, expected: dict):
     for (name, want), (_, got) in zip(flat_outputs(expected), flat_outputs(actual)):
-        scale = max(want.abs().max().item(), 1.0)
-        assert_close_verbose(got, want, atol=FP32_RELATIVE_TOLERANCE * scale, name=name)
+        assert_fp32_close(got, want, name)
 
 
 IMAGE = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(12))
@@ -92,9 +72,8 @@ def test_timm_trunk_weights_give_its_and_the_reference_outputs(tmp_path, feature
         expected, actual = reference.trunk(IMAGE), ours.trunk(IMAGE)
         peer_out = peer(IMAGE) if features_only else peer.forward_intermediates(IMAGE, intermediates_only=True)
     for level, (want, got, theirs) in enumerate(zip(expected, actual, peer_out)):
-        scale = max(want.abs().max().item(), 1.0)
-        assert_close_verbose(got, want, atol=FP32_RELATIVE_TOLERANCE * scale, name=f"trunk level {level} (ours)")
-        assert_close_verbose(theirs, want, atol=FP32_RELATIVE_TOLERANCE * scale, name=f"trunk level {level} (timm)")
+        assert_fp32_close(got, want, f"trunk level {level} (ours)")
+        assert_fp32_close(theirs, want, f"trunk level {level} (timm)")
 
 
 def _renamed(state: dict, renames: dict) -> dict:

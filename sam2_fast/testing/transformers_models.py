@@ -26,7 +26,7 @@ def transformers_vision_config(name: str, image_size: int = 1024):
 
     config = get_config(name)
     stages = len(config.stages)
-    widths = [config.embed_dim * 2**stage for stage in range(stages)]
+    widths = list(reversed(config.backbone_channel_list))  # finest first
     backbone = transformers.Sam2HieraDetConfig(
         hidden_size=config.embed_dim,
         num_attention_heads=config.num_heads,
@@ -41,7 +41,7 @@ def transformers_vision_config(name: str, image_size: int = 1024):
     levels = stages - config.scalp
     return transformers.Sam2VisionConfig(
         backbone_config=backbone,
-        backbone_channel_list=widths[::-1],
+        backbone_channel_list=list(config.backbone_channel_list),
         # The levels the mask decoder reads, finest first: strides 4, 8, 16.
         backbone_feature_sizes=[[image_size // 2**(2 + level)] * 2 for level in range(levels)],
         fpn_hidden_size=config.d_model,
