@@ -177,6 +177,19 @@ def triton_test_device():
 FP32_RELATIVE_TOLERANCE = 1e-4
 
 
+def fp32_tolerance(expected) -> float:
+    """The absolute tolerance of an fp32 result against ``expected``: FP32_RELATIVE_TOLERANCE of its largest
+    magnitude (at least 1)."""
+    return FP32_RELATIVE_TOLERANCE * max(torch.as_tensor(expected).abs().max().item(), 1.0)
+
+
+def assert_fp32_close(actual, expected, name: str) -> None:
+    """``actual`` within :func:`fp32_tolerance` of ``expected`` (tensors or arrays): the same math, differing in
+    float summation order only."""
+    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    assert_close_verbose(actual, expected, atol=fp32_tolerance(expected), name=name)
+
+
 def run_encoder(model, x: torch.Tensor, autocast_dtype=None) -> dict:
     """``model(x)`` without gradients, under autocast to ``autocast_dtype`` on x's device type if given."""
     enabled = autocast_dtype is not None
@@ -190,9 +203,8 @@ def check_fp32_outputs(reference_out: dict, ours_out: dict) -> float:
     worst = 0.0
     for (name, expected), (_, actual) in zip(flat_outputs(reference_out), flat_outputs(ours_out)):
         assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != reference {expected.dtype}"
-        scale = max(expected.abs().max().item(), 1.0)
-        assert_close_verbose(actual, expected, atol=FP32_RELATIVE_TOLERANCE * scale, name=name)
-        worst = max(worst, max_abs_error(actual, expected) / scale)
+        assert_fp32_close(actual, expected, name)
+        worst = max(worst, max_abs_error(actual, expected) / max(expected.abs().max().item(), 1.0))
     return worst
 
 

@@ -10,8 +10,8 @@ import sam2_fast
 from sam2_fast import ops
 
 import needs_torchvision
-from helpers import (FP32_RELATIVE_TOLERANCE, assert_close_verbose, check_low_precision_outputs, flat_outputs,
-                     global_rng_seeded, randomize_)
+from helpers import (assert_fp32_close, check_low_precision_outputs, flat_outputs, global_rng_seeded,
+                     randomize_)
 
 build_sam = pytest.importorskip("sam2.build_sam")
 
@@ -27,12 +27,6 @@ def _model(builder: str, config_file: str, seed: int = 22):
     return model
 
 
-def _fp32_close(actual: torch.Tensor, expected: torch.Tensor, name: str):
-    # Same weights, same math; only float summation order may differ (see helpers.FP32_RELATIVE_TOLERANCE).
-    scale = max(expected.abs().max().item(), 1.0)
-    assert_close_verbose(actual, expected, atol=FP32_RELATIVE_TOLERANCE * scale, name=name)
-
-
 def _head_inputs(model, image):
     """What SAM-2's heads get: forward_image's outputs, and _prepare_backbone_features' flattened ones."""
     with torch.no_grad():
@@ -44,12 +38,12 @@ def _head_inputs(model, image):
 def _assert_same_head_inputs(actual, expected):
     (backbone_a, feats_a, pos_a, sizes_a), (backbone_e, feats_e, pos_e, sizes_e) = actual, expected
     for (name, e), (_, a) in zip(flat_outputs(backbone_e), flat_outputs(backbone_a)):
-        _fp32_close(a, e, f"forward_image {name}")
+        assert_fp32_close(a, e, f"forward_image {name}")
     assert sizes_a == sizes_e
     for level, (a, e) in enumerate(zip(feats_a, feats_e)):
-        _fp32_close(a, e, f"_prepare_backbone_features vision_feats[{level}]")
+        assert_fp32_close(a, e, f"_prepare_backbone_features vision_feats[{level}]")
     for level, (a, e) in enumerate(zip(pos_a, pos_e)):
-        _fp32_close(a, e, f"_prepare_backbone_features vision_pos_embeds[{level}]")
+        assert_fp32_close(a, e, f"_prepare_backbone_features vision_pos_embeds[{level}]")
 
 
 @pytest.mark.parametrize("builder, config_file", [
@@ -176,9 +170,9 @@ def test_image_predictor_set_image_and_batch():
     for set_call, expected in ((lambda: predictor.set_image(images[0]), single),
                                (lambda: predictor.set_image_batch(images), batch)):
         set_call()
-        _fp32_close(predictor._features["image_embed"], expected["image_embed"], "image_embed")
+        assert_fp32_close(predictor._features["image_embed"], expected["image_embed"], "image_embed")
         for level, (a, e) in enumerate(zip(predictor._features["high_res_feats"], expected["high_res_feats"])):
-            _fp32_close(a, e, f"high_res_feats[{level}]")
+            assert_fp32_close(a, e, f"high_res_feats[{level}]")
 
 
 def test_capture_keeps_the_encoders_backend_keys_and_outputs():

@@ -21,7 +21,7 @@ import sam2_fast
 from sam2_fast.backends import extension
 
 import needs_torchvision
-from helpers import FP32_RELATIVE_TOLERANCE, assert_close_verbose
+from helpers import assert_close_verbose, assert_fp32_close, fp32_tolerance
 from test_optimize import _model
 
 CONFIG_FILE = "configs/sam2.1/sam2.1_hiera_t.yaml"
@@ -45,13 +45,6 @@ def _models(builder: str):
     return reference, sam2_fast.optimize(copy.deepcopy(reference))
 
 
-def _tolerance(expected) -> float:
-    # Same weights, same math: the encoders' outputs differ in float summation order only (see
-    # helpers.FP32_RELATIVE_TOLERANCE), and SAM-2's heads, the same code on both sides, carry that into the logits
-    # and scores at the same relative size.
-    return FP32_RELATIVE_TOLERANCE * max(torch.as_tensor(expected).abs().max().item(), 1.0)
-
-
 def _assert_same_masks(actual_logits, expected_logits, name: str, actual_masks=None, expected_masks=None):
     """Logits within fp32 tolerance, and masks (logits > 0, the predictors' mask_threshold) equal except where the
     reference's logit lies within that tolerance of 0, where rounding alone may put it on either side.
@@ -60,7 +53,9 @@ def _assert_same_masks(actual_logits, expected_logits, name: str, actual_masks=N
     which would match whatever the logits were. And the masks of the whole call must hold both values somewhere.
     """
     actual_logits, expected_logits = torch.as_tensor(actual_logits), torch.as_tensor(expected_logits)
-    atol = _tolerance(expected_logits)
+    # Same weights, same math: the encoders' outputs differ in float summation order only, and SAM-2's heads, the
+    # same code on both sides, carry that into the logits and scores at the same relative size.
+    atol = fp32_tolerance(expected_logits)
     assert_close_verbose(actual_logits, expected_logits, atol=atol, name=f"{name} logits")
     if actual_masks is None:
         actual_masks, expected_masks = actual_logits > 0, expected_logits > 0
@@ -72,11 +67,6 @@ def _assert_same_masks(actual_logits, expected_logits, name: str, actual_masks=N
         f"where the reference's logit is farther than {atol:.2g} from 0, first at "
         f"{far_from_threshold.nonzero()[:5].tolist()}")
     assert 0 < expected_masks.float().mean() < 1, f"{name}: the reference's masks are all one value, a vacuous check"
-
-
-def _assert_fp32_close(actual, expected, name: str):
-    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
-    assert_close_verbose(actual, expected, atol=_tolerance(expected), name=name)
 
 
 @functools.lru_cache(maxsize=1)
@@ -98,8 +88,8 @@ def test_image_predictor_predict(prompt):
         predictor.predict(**PROMPTS[prompt], return_logits=True) for predictor in (reference, optimized))
     expected_masks, actual_masks = (predictor.predict(**PROMPTS[prompt])[0] for predictor in (reference, optimized))
     _assert_same_masks(actual_logits, expected_logits, f"predict({prompt})", actual_masks, expected_masks)
-    _assert_fp32_close(actual_low_res, expected_low_res, f"predict({prompt}) low-res logits")
-    _assert_fp32_close(actual_scores, expected_scores, f"predict({prompt}) scores")
+    assert_fp32_close(actual_low_res, expected_low_res, f"predict({prompt}) low-res logits")
+    assert_fp32_close(actual_scores, expected_scores, f"predict({prompt}) scores")
 
 
 @pytest.mark.slow
@@ -119,7 +109,7 @@ def test_image_predictor_set_image_batch_and_predict_batch():
         name = f"predict_batch image {index}"
         _assert_same_masks(actual_logits[index], expected_logits[index], name, actual_masks[index],
                            expected_masks[index])
-        _assert_fp32_close(actual_scores[index], expected_scores[index], f"{name} scores")
+        assert_fp32_close(actual_scores[index], expected_scores[index], f"{name} scores")
 
 
 @pytest.mark.slow
@@ -174,14 +164,14 @@ def test_automatic_mask_generator():
     for index, (actual, expected) in enumerate(zip(actual_records, expected_records)):
         name = f"mask {index}"
         assert actual["point_coords"] == expected["point_coords"], name
-        _assert_fp32_close(actual["predicted_iou"], expected["predicted_iou"], f"{name} predicted_iou")
-        _assert_fp32_close(actual["stability_score"], expected["stability_score"], f"{name} stability_score")
+        assert_fp32_close(actual["predicted_iou"], expected["predicted_iou"], f"{name} predicted_iou")
+        assert_fp32_close(actual["stability_score"], expected["stability_score"], f"{name} stability_score")
         # The logits this mask was thresholded from: those of the prediction with its score (from the same call).
         source = expected_logits[expected_scores == expected["predicted_iou"]]
         assert len(source) == 1, f"{name}: {len(source)} predictions have its predicted_iou"
         assert torch.equal(torch.as_tensor(expected["segmentation"]), source[0] > 0), name
         differ = torch.as_tensor(actual["segmentation"]) != torch.as_tensor(expected["segmentation"])
-        assert (source[0][differ].abs() <= _tolerance(expected_logits)).all(), (
+        assert (source[0][differ].abs() <= fp32_tolerance(expected_logits)).all(), (
             f"{name}: its mask differs where the reference's logit is not near 0")
 
 

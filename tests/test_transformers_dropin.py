@@ -20,7 +20,7 @@ from sam2_fast.io.configs import get_config
 from sam2_fast.testing.transformers_models import build_transformers_model, import_transformers
 
 import needs_torchvision
-from helpers import FP32_RELATIVE_TOLERANCE, assert_close_verbose
+from helpers import assert_fp32_close
 
 try:
     transformers = import_transformers()
@@ -53,12 +53,6 @@ def _vision_model(model):
     return model if isinstance(model, transformers.Sam2VisionModel) else model.vision_encoder
 
 
-def _fp32_close(actual: torch.Tensor, expected: torch.Tensor, name: str):
-    # Same weights, same math; only float summation order may differ (see helpers.FP32_RELATIVE_TOLERANCE).
-    scale = max(expected.abs().max().item(), 1.0)
-    assert_close_verbose(actual, expected, atol=FP32_RELATIVE_TOLERANCE * scale, name=name)
-
-
 def _assert_all_close(actual, expected, name: str):
     """Tensors, or (nested) tuples and lists of them, ``None`` where ``expected`` has ``None``."""
     if isinstance(expected, (tuple, list)):
@@ -68,7 +62,7 @@ def _assert_all_close(actual, expected, name: str):
     elif expected is None:
         assert actual is None, name
     else:
-        _fp32_close(actual, expected, name)
+        assert_fp32_close(actual, expected, name)
 
 
 def _vision_outputs(vision_model, **kwargs):
@@ -283,7 +277,7 @@ def test_mask_generation_pipeline_gives_the_same_masks():
     sam2_fast.optimize(model)
     actual = generator(image, **options)
     assert len(actual["masks"]) == len(expected["masks"])
-    _fp32_close(torch.as_tensor(actual["scores"]), torch.as_tensor(expected["scores"]), "scores")
+    assert_fp32_close(torch.as_tensor(actual["scores"]), torch.as_tensor(expected["scores"]), "scores")
     for index, (got, want) in enumerate(zip(actual["masks"], expected["masks"])):
         # Binarised masks: a pixel whose logit lies within rounding of the threshold may flip.
         assert np.mean(np.asarray(got) != np.asarray(want)) < 1e-3, f"mask {index}"
